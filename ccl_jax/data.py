@@ -1,0 +1,135 @@
+"""Datasets: the embedded sklearn digits and tfds data sources, decoded once and held in memory.
+
+Every split is a pair of numpy arrays: images (N, H, W, C) float32, normalised per channel, and
+labels (N,) int32. Batches are drawn on the device by index (see `train.epoch_indices`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+
+from ccl_jax.errors import UserError
+
+# name -> (tfds name, per-channel mean, per-channel std, classes); stats from SPEC §1.1.
+TFDS = {
+    'mnist': ('mnist', (0.1307,), (0.3081,), 10),
+    'fashion_mnist': ('fashion_mnist', (0.2860,), (0.3530,), 10),
+    'cifar10': ('cifar10', (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
+    'cifar100': ('cifar100', (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
+}
+DATASETS = ('digits',) + tuple(TFDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  train: Split
+  val: Split
+  test: Split
+  num_classes: int
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return self.train.images.shape[1:]
+
+
+def _digits() -> tuple[Split, Split, int]:
+  """sklearn's bundled 8x8 digits, split deterministically 80/20 train/test."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  images = (d.images / 16.0).astype(np.float32)[..., None]
+  labels = d.target.astype(np.int32)
+  order = np.random.default_rng(0).permutation(len(labels))
+  cut = int(0.8 * len(labels))
+  tr, te = order[:cut], order[cut:]
+  mean, std = images[tr].mean(), images[tr].std()
+  images = (images - mean) / std
+  return Split(images[tr], labels[tr]), Split(images[te], labels[te]), 10
+
+
+def _read_tfds(name: str, split: str, data_dir: str) -> Split:
+  import tensorflow_datasets as tfds
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # tfds raises several types for "not there"
+    where = data_dir or '~/tensorflow_datasets'
+    raise UserError(
+        f"dataset '{name}' ({split}) is not prepared in data_dir '{where}' "
+        f"({type(e).__name__}); run `pip install '.[prepare]'` and "
+        f"`python -c \"import tensorflow_datasets as t; t.builder('{name}', data_dir='{where}', "
+        f"file_format='array_record').download_and_prepare()\"` on a machine with internet, "
+        f"or point --config.data_dir at a prepared copy") from None
+  n = len(source)
+  first = source[0]
+  images = np.empty((n,) + first['image'].shape, np.uint8)
+  labels = np.empty((n,), np.int32)
+  chunk = 4096
+  for start in range(0, n, chunk):
+    idx = list(range(start, min(n, start + chunk)))
+    for i, rec in zip(idx, source.__getitems__(idx)):
+      images[i] = rec['image']
+      labels[i] = rec['label']
+  return Split(images, labels)
+
+
+def _cached(name: str, split: str, data_dir: str, cache_dir: str) -> Split:
+  """Decodes a tfds split once; later runs read the uint8 arrays from `cache_dir`."""
+  if not cache_dir:
+    return _read_tfds(name, split, data_dir)
+  key = hashlib.sha1(os.path.abspath(os.path.expanduser(data_dir or '~/tensorflow_datasets'))
+                     .encode()).hexdigest()[:10]
+  path = os.path.join(os.path.expanduser(cache_dir), f'{name}-{split}-{key}.npz')
+  if os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        return Split(f['images'], f['labels'])
+    except (OSError, ValueError, KeyError):
+      pass  # a broken cache file is rebuilt below
+  s = _read_tfds(name, split, data_dir)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp.npz'
+  np.savez(tmp, images=s.images, labels=s.labels)
+  os.replace(tmp, path)
+  return s
+
+
+def _normalise(s: Split, mean, std) -> Split:
+  x = s.images.astype(np.float32) / 255.0
+  x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return Split(x, s.labels)
+
+
+def load(config) -> Dataset:
+  """Loads `config.dataset` into memory, with the validation split carved from train."""
+  name = config.dataset
+  if name == 'digits':
+    train, test, k = _digits()
+  elif name in TFDS:
+    tfds_name, mean, std, k = TFDS[name]
+    train = _normalise(_cached(tfds_name, 'train', config.data_dir, config.cache_dir), mean, std)
+    test = _normalise(_cached(tfds_name, 'test', config.data_dir, config.cache_dir), mean, std)
+  else:
+    raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+  order = np.random.default_rng(config.seed).permutation(len(train))
+  n_val = int(round(config.val_fraction * len(train)))
+  val_idx, tr_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+  if config.train_subset:
+    tr_idx = tr_idx[:config.train_subset]
+  val = Split(train.images[val_idx], train.labels[val_idx])
+  train = Split(train.images[tr_idx], train.labels[tr_idx])
+  if len(train) < config.batch_size:
+    raise UserError(f'config.batch_size={config.batch_size} is larger than the '
+                    f'{len(train)} training examples of {name}')
+  return Dataset(train, val, test, k)

@@ -1,0 +1,1 @@
+"""Flax modules for every network, forward nets and their feedback twins."""

@@ -1,0 +1,80 @@
+"""Forward MLP and its mirrored feedback MLP (SPEC §1.1)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable] = {
+    'elu': nn.elu, 'relu': nn.relu, 'sigmoid': nn.sigmoid, 'tanh': jnp.tanh,
+    'leaky_relu': lambda x: nn.leaky_relu(x, 0.01), 'none': lambda x: x,
+}
+
+
+def kernel_init(name: str) -> Callable:
+  """'torch': PyTorch's nn.Linear default U(±1/sqrt(fan_in)); 'glorot_normal': N(0, 1/(in+out))."""
+  if name == 'torch':
+    return nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+  if name == 'glorot_normal':
+    return nn.initializers.variance_scaling(0.5, 'fan_avg', 'normal')
+  raise ValueError(f"unknown init '{name}'")
+
+
+def sg_if(x: jax.Array, cut: bool) -> jax.Array:
+  return jax.lax.stop_gradient(x) if cut else x
+
+
+class MLP(nn.Module):
+  """x → [Dense → φ] × len(hidden) → Dense (logits). No biases.
+
+  `local=True` cuts every layer's input with stop_gradient (CCL); the call returns the logits and
+  the list of hidden activations h_1..h_{L-1}.
+  """
+  hidden: Sequence[int]
+  num_classes: int
+  activation: str = 'elu'
+  output_activation: str = 'none'
+  weight_init: str = 'torch'
+  local: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    act = ACTIVATIONS[self.activation]
+    h = x.reshape(x.shape[0], -1)
+    hiddens = []
+    for i, width in enumerate(self.hidden):
+      h = act(nn.Dense(width, use_bias=False, kernel_init=kernel_init(self.weight_init),
+                       name=f'layer_{i + 1}')(sg_if(h, self.local)))
+      hiddens.append(h)
+    z = nn.Dense(self.num_classes, use_bias=False, kernel_init=kernel_init(self.weight_init),
+                 name=f'layer_{len(self.hidden) + 1}')(sg_if(h, self.local))
+    return ACTIVATIONS[self.output_activation](z), hiddens
+
+
+class FeedbackMLP(nn.Module):
+  """The forward MLP's mirror: K → hidden[::-1] → input dim, every input stop_gradient'd.
+
+  Called on the K×K identity it returns the class prototypes [g_0, g_1, ..., g_{L-1}], g_l having
+  the width of forward layer l (g_0 lives in input space and has no activation).
+  """
+  hidden: Sequence[int]
+  input_dim: int
+  activation: str = 'elu'
+  weight_init: str = 'torch'
+
+  @nn.compact
+  def __call__(self, targets: jax.Array) -> list[jax.Array]:
+    act = ACTIVATIONS[self.activation]
+    widths = [self.input_dim] + list(self.hidden)  # width of pair l
+    g = targets
+    out = [None] * len(widths)
+    for l in reversed(range(len(widths))):
+      # V_{l+1}: width[l+1] (or K) -> width[l]
+      g = nn.Dense(widths[l], use_bias=False, kernel_init=kernel_init(self.weight_init),
+                   name=f'layer_{l + 1}')(jax.lax.stop_gradient(g))
+      g = g if l == 0 else act(g)
+      out[l] = g
+    return out
