@@ -1,0 +1,127 @@
+"""Core: CCL locality and loss value, BP gradients, learning on digits and MNIST, CLI errors."""
+
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from ccl_jax import rules, train
+from ccl_jax.rules.base import Task
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def tiny(rule: str, hidden=(5, 4), dim=6, k=3, batch=7, seed=0):
+  config = load_config('default', rule=rule, hidden=hidden)
+  task = Task(num_classes=k, image_shape=(dim, 1, 1), total_steps=10)
+  r = rules.get(config, task)
+  rng = np.random.default_rng(seed)
+  batch = {'image': jnp.asarray(rng.normal(size=(batch, dim, 1, 1)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, k, batch), jnp.int32)}
+  return r, r.init(jax.random.PRNGKey(seed), batch), batch
+
+
+def nonzero_leaves(tree) -> set[str]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(k) for k, v in flat if np.any(np.asarray(v) != 0)}
+
+
+def test_ccl_each_loss_term_trains_only_its_own_pair():
+  r, state, batch = tiny('ccl', hidden=(5, 4, 4))
+
+  def term(name):
+    return lambda p: r.losses(p, batch)[1][name]
+
+  # Pair 0 (input vs g_0) trains only V_1; pair l trains W_l and V_{l+1}; CE trains only W_L.
+  expect = {
+      'layer_loss/0': {"['feedback']['layer_1']['kernel']"},
+      'layer_loss/1': {"['forward']['layer_1']['kernel']", "['feedback']['layer_2']['kernel']"},
+      'layer_loss/2': {"['forward']['layer_2']['kernel']", "['feedback']['layer_3']['kernel']"},
+      'layer_loss/3': {"['forward']['layer_3']['kernel']", "['feedback']['layer_4']['kernel']"},
+      'task_loss': {"['forward']['layer_4']['kernel']"},
+  }
+  grads = {name: jax.grad(term(name))(state.params) for name in expect}
+  for name, want in expect.items():
+    assert nonzero_leaves(grads[name]) == want, name
+  # The rule's update uses the sum: it equals the sum of the per-term gradients, so changing one
+  # term (here: dropping it) leaves every other layer's gradient unchanged.
+  total, _, _ = r.loss_and_grads(state, batch, jax.random.PRNGKey(0))
+  chex.assert_trees_all_close(total, jax.tree.map(lambda *g: sum(g), *grads.values()), atol=1e-6)
+  without_1 = jax.tree.map(lambda a, b: a - b, total, grads['layer_loss/1'])
+  for leaf in expect['layer_loss/2'] | expect['task_loss']:
+    a = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_flatten_with_path(total)[0])
+    b = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_flatten_with_path(without_1)[0])
+    np.testing.assert_array_equal(a[leaf], b[leaf])
+
+
+def test_ccl_loss_matches_hand_computation():
+  r, state, batch = tiny('ccl', hidden=(5, 4), dim=6, k=3)
+  p = jax.tree.map(np.asarray, state.params)
+  x = np.asarray(batch['image']).reshape(7, 6).astype(np.float64)
+  y = np.eye(3)[np.asarray(batch['label'])]
+  elu = lambda v: np.where(v > 0, v, np.expm1(v))
+  W1, W2, W3 = (p['forward'][f'layer_{i}']['kernel'] for i in (1, 2, 3))
+  V1, V2, V3 = (p['feedback'][f'layer_{i}']['kernel'] for i in (1, 2, 3))
+  h1 = elu(x @ W1); h2 = elu(h1 @ W2); z = h2 @ W3
+  g2 = elu(np.eye(3) @ V3); g1 = elu(g2 @ V2); g0 = g1 @ V1
+  logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+  ce = -(logp * y).sum(1).mean()
+  c = 0.5
+  want = ce + sum(256 * c / h.shape[1] * np.mean((h @ g.T - y) ** 2)
+                  for h, g in ((x, g0), (h1, g1), (h2, g2)))
+  got, metrics = r.losses(state.params, batch)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['task_loss']), ce, rtol=1e-5)
+
+
+def test_bp_gradient_equals_end_to_end_grad():
+  r, state, batch = tiny('bp', hidden=(5, 4))
+
+  def loss(p):
+    h = batch['image'].reshape(7, -1)
+    for i in (1, 2):
+      h = jax.nn.elu(h @ p[f'layer_{i}']['kernel'])
+    z = h @ p['layer_3']['kernel']
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), batch['label'][:, None], 1))
+
+  grads, _, _ = r.loss_and_grads(state, batch, jax.random.PRNGKey(0))
+  chex.assert_trees_all_close(grads['forward'], jax.grad(loss)(state.params['forward']), atol=1e-6)
+
+
+@pytest.mark.parametrize('rule', ['bp', 'ccl'])
+def test_default_config_learns_digits(rule, tmp_path):
+  final = train.train_and_evaluate(load_config('default', rule=rule, progress=False), str(tmp_path))
+  assert final['test_accuracy'] >= 0.90, final
+
+
+@pytest.mark.parametrize('rule,floor', [('bp', 0.92), ('ccl', 0.85)])
+def test_one_mnist_epoch_learns(rule, floor, data_dir, tmp_path):
+  config = load_config(f'mnist_mlp_{rule}', data_dir=data_dir, num_epochs=1, progress=False)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final['test_accuracy'] >= floor, final
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'ccl_jax.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('flag,needle', [
+    ('--config.rule=no_such_rule', 'no_such_rule'),
+    ('--config.dataset=no_such_set', 'no_such_set'),
+    ('--config.no_such_key=1', 'no_such_key'),
+    ('--config.optimizer.feedback.lr=-0.5', 'optimizer.feedback.lr=-0.5'),
+    ('--config.dataset=mnist --config.data_dir=/no/such/dir', '/no/such/dir'),
+    ('--config=configs/no_such_config.py', 'no_such_config.py'),
+])
+def test_bad_input_gives_one_line_error(flag, needle, tmp_path):
+  out = run_main(f'--workdir={tmp_path}', *flag.split())
+  assert out.returncode != 0
+  assert 'Traceback' not in out.stderr + out.stdout
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and needle in lines[0], out.stderr
