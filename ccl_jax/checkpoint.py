@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -64,17 +65,30 @@ class Checkpointer:
         tree = serialization.from_state_dict(template, restored)
       except UserError:
         raise
-      except Exception as e:  # unreadable / half-written: fall back to an older one
-        log.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying an older one',
-                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+      except Exception as e:  # unreadable / half-written: set it aside, fall back to an older one
+        aside = self._set_aside(step)
+        log.warning('checkpoint at step %d is unreadable (%s: %s)', step, type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else '')
         print(f'warning: checkpoint step {step} in {self.directory} is unreadable '
-              f'({type(e).__name__}); falling back to an older one', flush=True)
+              f'({type(e).__name__}); moved to {aside}; falling back to an older one', flush=True)
         continue
       return tree, meta
     if steps:
       raise UserError(f'no readable checkpoint in {self.directory} (steps {steps}); '
                       'move it aside or choose another --workdir')
     return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves an unreadable checkpoint out of the manager's way (nothing is deleted)."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(os.path.dirname(self.directory), 'corrupt_checkpoints',
+                       f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    if self.write and os.path.isdir(src):
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      os.replace(src, dst)
+      self.manager.reload()
+      return dst
+    return src
 
   def _check_shapes(self, step, template_dict, meta, config_json) -> None:
     saved = self.manager.item_metadata(step)

@@ -29,10 +29,11 @@ class DataParallel:
     self.devices = list(devices or jax.local_devices())
     self.n = 1 if mode == 'none' else len(self.devices)
     self.axis_name = None if mode == 'none' else AXIS
-    if mode == 'shard_map':
+    if mode != 'none':
       self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,),
                                     axis_types=(jax.sharding.AxisType.Auto,))
       self.replicated = NamedSharding(self.mesh, P())
+      self.stacked = NamedSharding(self.mesh, P(AXIS))  # pmap's leading device axis
 
   def check_batch(self, batch_size: int) -> None:
     if batch_size % self.n:
@@ -42,17 +43,17 @@ class DataParallel:
   # -- placement ----------------------------------------------------------------------------------
   def put_data(self, x: np.ndarray) -> jax.Array:
     """The whole split, resident on every device (replicated)."""
-    if self.mode == 'shard_map':
-      return jax.device_put(x, self.replicated)
-    if self.mode == 'pmap':
-      return jax.device_put(x, self.devices[0])
-    return jax.device_put(x)
+    if self.mode == 'none':
+      return jax.device_put(x)
+    return jax.device_put(x, self.replicated)
 
   def put_state(self, state):
     if self.mode == 'shard_map':
       return jax.device_put(state, self.replicated)
     if self.mode == 'pmap':
-      return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n,) + jnp.shape(x)), state)
+      return jax.device_put(
+          jax.tree.map(lambda x: np.broadcast_to(x, (self.n,) + np.shape(x)), jax.device_get(state)),
+          self.stacked)
     return jax.device_put(state)
 
   def get_state(self, state):
@@ -71,7 +72,7 @@ class DataParallel:
     """(steps, B) global indices -> this mode's layout: device i gets columns i·B/n:(i+1)·B/n."""
     if self.mode == 'pmap':
       steps, b = idx.shape
-      return jnp.asarray(idx.reshape(steps, self.n, b // self.n).transpose(1, 0, 2))
+      return jax.device_put(idx.reshape(steps, self.n, b // self.n).transpose(1, 0, 2), self.stacked)
     if self.mode == 'shard_map':
       return jax.device_put(idx, NamedSharding(self.mesh, P(None, AXIS)))
     return jnp.asarray(idx)

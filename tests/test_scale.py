@@ -1,0 +1,157 @@
+"""Scale and durability: parallel modes agree, exact resume after SIGKILL, bad checkpoints, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT, load_config
+from ccl_jax import data as data_lib, rules, train
+from ccl_jax.checkpoint import Checkpointer
+from ccl_jax.errors import UserError
+from ccl_jax.parallel import DataParallel
+from ccl_jax.rules.base import Task
+
+DEVICES = 8
+
+
+def in_subprocess_with_devices(test_id: str) -> None:
+  """Re-runs one test in a fresh interpreter with 8 simulated CPU devices."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}')
+  out = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
+                        f'{__file__}::{test_id}'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def parallel_rules() -> list[str]:
+  return [r for r in ('bp', 'ccl', 'fa', 'kp') if r in rules.names()]
+
+
+@pytest.mark.parametrize('rule', parallel_rules())
+def test_pmap_shard_map_and_single_device_agree(rule):
+  if jax.device_count() < DEVICES:
+    return in_subprocess_with_devices(f'test_pmap_shard_map_and_single_device_agree[{rule}]')
+  config = load_config('default', rule=rule, hidden=(32, 16), batch_size=32)
+  data = data_lib.load(config)
+  task = Task(data.num_classes, data.image_shape, total_steps=100)
+  idx = np.arange(3 * 32).reshape(3, 32)  # 3 steps of a fixed global batch order
+  finals = {}
+  for mode in ('none', 'pmap', 'shard_map'):
+    para = DataParallel(mode)
+    r = rules.get(config, task, axis_name=para.axis_name)
+    sample = {'image': jnp.asarray(data.train.images[:32 // para.n]),
+              'label': jnp.asarray(data.train.labels[:32 // para.n])}
+    state = para.put_state(r.init(jax.random.PRNGKey(0), sample))
+    step = para.compile(train.make_chunk(r.update))
+    state, metrics = step(state, para.put_data(data.train.images),
+                          para.put_data(data.train.labels), para.split_idx(idx))
+    finals[mode] = (jax.device_get(para.get_state(state).params), para.get_metrics(metrics))
+  for mode in ('pmap', 'shard_map'):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 finals[mode], finals['none'])
+
+
+def test_batch_that_does_not_divide_over_devices_is_refused():
+  if jax.device_count() < DEVICES:
+    return in_subprocess_with_devices('test_batch_that_does_not_divide_over_devices_is_refused')
+  with pytest.raises(UserError, match='batch_size=30 does not divide over 8 devices'):
+    DataParallel('shard_map').check_batch(30)
+
+
+def run_main(workdir, *flags: str, **kw):
+  return subprocess.Popen([sys.executable, '-m', 'ccl_jax.main', f'--workdir={workdir}', *flags],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def final_tree(workdir) -> dict:
+  ckpt = Checkpointer(str(workdir), write=False)
+  step = ckpt.steps()[-1]
+  return ckpt.manager.restore(step, args=ocp.args.Composite(tree=ocp.args.StandardRestore()))['tree']
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+  flags = ('--config.num_epochs=30', '--config.hidden=(512,512)', '--config.keep_checkpoints=3')
+  straight = run_main(tmp_path / 'straight', *flags)
+  assert straight.wait(timeout=600) == 0, straight.stdout.read()
+
+  killed = run_main(tmp_path / 'killed', *flags)
+  ckpts = tmp_path / 'killed' / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and killed.poll() is None:
+    if ckpts.is_dir() and len([p for p in ckpts.iterdir() if p.name.isdigit()]) >= 2:
+      break
+    time.sleep(0.01)
+  assert killed.poll() is None, 'the run finished before it could be killed'
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  resumed = run_main(tmp_path / 'killed', *flags)
+  out = resumed.communicate(timeout=600)[0]
+  assert resumed.returncode == 0, out
+  assert 'resumed from' in out and 'at step 600' not in out, out
+
+  a, b = final_tree(tmp_path / 'straight'), final_tree(tmp_path / 'killed')
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert final_record(tmp_path / 'straight') == final_record(tmp_path / 'killed')
+
+
+def final_record(workdir) -> dict:
+  """The last metrics.jsonl record, without the wall-clock speed."""
+  record = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+  record.pop('samples_per_second')
+  return record
+
+
+def small(tmp_path, **kw):
+  return load_config('default', hidden=(32,), progress=False, **kw)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+  train.train_and_evaluate(small(tmp_path, num_epochs=2), str(tmp_path))
+  steps = Checkpointer(str(tmp_path), write=False).steps()
+  assert len(steps) == 2
+  latest = tmp_path / 'checkpoints' / str(steps[-1])
+  for f in latest.rglob('*'):
+    if f.is_file() and 'meta' not in f.parts:
+      f.write_bytes(b'\0garbage')
+  capsys.readouterr()
+  final = train.train_and_evaluate(small(tmp_path, num_epochs=3), str(tmp_path))
+  out = capsys.readouterr().out
+  assert f'checkpoint step {steps[-1]}' in out and 'falling back' in out, out
+  assert f'resumed from {tmp_path / "checkpoints"} at step {steps[0]}' in out, out
+  assert final['epoch'] == 3
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path):
+  train.train_and_evaluate(small(tmp_path, num_epochs=1), str(tmp_path))
+  with pytest.raises(UserError, match=r'does not fit this config.*changed keys: hidden'):
+    train.train_and_evaluate(load_config('default', hidden=(48,), num_epochs=2, progress=False),
+                             str(tmp_path))
+
+
+@pytest.mark.parametrize('rule,where', [('bp', 'loss'), ('ccl', 'layer_loss/')])
+def test_non_finite_loss_stops_with_step_rule_and_layer(rule, where, tmp_path):
+  config = small(tmp_path, rule=rule, num_epochs=3)
+  config.optimizer.forward.lr = config.optimizer.feedback.lr = 1e30
+  config.optimizer.forward.clip = config.optimizer.feedback.clip = 0.0
+  with pytest.raises(UserError, match=rf'non-finite loss at step \d+ .*rule {rule}\), first in {where}'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_finished_run_prints_results_instead_of_retraining(tmp_path):
+  flags = ('--config.num_epochs=2', '--config.hidden=(32,)')
+  first = run_main(tmp_path, *flags)
+  assert first.wait(timeout=300) == 0
+  again = run_main(tmp_path, *flags)
+  out = again.communicate(timeout=300)[0]
+  assert again.returncode == 0
+  assert 'already holds a finished run' in out and 'final: test_accuracy=' in out, out
+  assert 'epoch 1/2' not in out
