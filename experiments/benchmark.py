@@ -1,0 +1,173 @@
+"""Training-speed benchmark: every rule × model × batch size asked for, on this machine's devices.
+
+For each case it builds the real config (`configs/<name>.py`), the rule and the same fused training
+chunk the loop uses (`train.make_chunk`), on synthetic data of the dataset's shape resident on the
+device, and reports: median step time, samples/s, training FLOPs per sample (XLA's cost analysis of
+one step, at batch 32 and at the case's batch), achieved FLOP/s, the fraction of the machine's
+matmul roof (a large fp32 matmul timed the same way, in the same process), compile time, peak
+memory (XLA's buffer assignment) and the wall time of one whole epoch of steps including index
+shuffling and the per-call metrics pull.
+
+  python experiments/benchmark.py                       # CIFAR-10 MLP, BP vs CCL, batch 256
+  python experiments/benchmark.py --configs cifar10_mlp_bp,cifar10_mlp_ccl,mnist_mlp_fa \
+      --batch_sizes 32,256 --out experiments/results/bench_cpu
+Writes <out>.jsonl and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccl_jax import rules, train
+from ccl_jax.rules.base import Task
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPES = {'digits': ((8, 8, 1), 10, 1293), 'mnist': ((28, 28, 1), 10, 54000),
+          'fashion_mnist': ((28, 28, 1), 10, 54000), 'cifar10': ((32, 32, 3), 10, 45000),
+          'cifar100': ((32, 32, 3), 100, 45000)}
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def timed(fn, *args, repeats: int) -> list[float]:
+  """Wall times of `fn(*args)` after one warm-up call, each waited on with block_until_ready."""
+  jax.block_until_ready(fn(*args))
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def matmul_roof(n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of a large fp32 matmul on the default device: the roof the steps are compared with."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return 2 * n ** 3 / statistics.median(timed(f, a, repeats=repeats))
+
+
+def step_flops(rule, state, images, labels, batch: int) -> float:
+  """XLA's FLOP count of one training step at `batch`, per sample."""
+  idx = jnp.zeros((1, batch), jnp.int32)
+  lowered = jax.jit(train.make_chunk(rule.update)).lower(state, images, labels, idx)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) / batch
+
+
+def bench_case(name: str, batch: int, steps: int, repeats: int, roof: float) -> dict:
+  config = load_config(name)
+  config.batch_size = batch
+  shape, k, n = SHAPES[config.dataset]
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(n,) + shape).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, k, n).astype(np.int32))
+  steps_per_epoch = n // batch
+  task = Task(k, shape, steps_per_epoch * config.num_epochs)
+  rule = rules.get(config, task)
+  state = rule.init(jax.random.PRNGKey(0), {'image': images[:batch], 'label': labels[:batch]})
+
+  chunk = jax.jit(train.make_chunk(rule.update), donate_argnums=0)
+  idx = jnp.asarray(train.epoch_indices(jax.random.PRNGKey(1), 0, n, batch, True)[:steps])
+  t0 = time.perf_counter()
+  compiled = chunk.lower(state, images, labels, idx).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+          - mem.alias_size_in_bytes) if mem is not None else float('nan')
+
+  holder = {'state': state}
+
+  def run(idx):
+    holder['state'], metrics = compiled(holder['state'], images, labels, idx)
+    return metrics
+
+  step_s = statistics.median(timed(run, idx, repeats=repeats)) / steps
+
+  # One epoch as the loop runs it: shuffle, calls of `steps` steps, a metrics pull per call.
+  # A short last call is compiled ahead (as the loop does), so compilation is not epoch time.
+  rest = steps_per_epoch % steps
+  calls = {steps: compiled}
+  if rest:
+    calls[rest] = chunk.lower(holder['state'], images, labels, idx[:rest]).compile()
+  t0 = time.perf_counter()
+  all_idx = train.epoch_indices(jax.random.PRNGKey(2), 1, n, batch, True)
+  for start in range(0, steps_per_epoch, steps):
+    part = jnp.asarray(all_idx[start:start + steps])
+    holder['state'], metrics = calls[part.shape[0]](holder['state'], images, labels, part)
+    jax.device_get(metrics['loss'])
+  epoch_s = time.perf_counter() - t0
+  flops = step_flops(rule, holder['state'], images, labels, batch)
+  flops32 = step_flops(rule, holder['state'], images, labels, 32)
+  achieved = flops * batch / step_s
+  return {
+      'config': name, 'rule': config.rule, 'model': config.model, 'dataset': config.dataset,
+      'batch': batch, 'device': jax.devices()[0].device_kind, 'step_ms': 1e3 * step_s,
+      'samples_per_s': batch / step_s, 'mflop_per_sample': flops / 1e6,
+      'mflop_per_sample_b32': flops32 / 1e6, 'gflop_per_s': achieved / 1e9,
+      'roof_gflop_per_s': roof / 1e9, 'roof_fraction': achieved / roof, 'compile_s': compile_s,
+      'peak_mib': peak / 2 ** 20, 'epoch_s': epoch_s, 'steps_per_epoch': steps_per_epoch,
+      'epoch_over_steps': epoch_s / (steps_per_epoch * step_s),
+  }
+
+
+COLUMNS = [('config', '{}'), ('batch', '{}'), ('step_ms', '{:.2f}'), ('samples_per_s', '{:.0f}'),
+           ('mflop_per_sample', '{:.1f}'), ('mflop_per_sample_b32', '{:.1f}'),
+           ('gflop_per_s', '{:.1f}'), ('roof_fraction', '{:.2f}'), ('compile_s', '{:.1f}'),
+           ('peak_mib', '{:.0f}'), ('epoch_s', '{:.2f}'), ('epoch_over_steps', '{:.3f}')]
+
+
+def markdown(rows: list[dict]) -> str:
+  head = '| ' + ' | '.join(c for c, _ in COLUMNS) + ' |'
+  sep = '|' + '---|' * len(COLUMNS)
+  body = ['| ' + ' | '.join(f.format(r[c]) for c, f in COLUMNS) + ' |' for r in rows]
+  return '\n'.join([head, sep, *body])
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--configs', default='cifar10_mlp_bp,cifar10_mlp_ccl')
+  p.add_argument('--batch_sizes', default='256')
+  p.add_argument('--steps', type=int, default=20, help='steps per compiled call')
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--out', default='experiments/results/bench_cpu')
+  args = p.parse_args(argv)
+  roof = matmul_roof()
+  print(f'{jax.devices()[0].device_kind}: fp32 matmul roof {roof / 1e9:.1f} GFLOP/s', flush=True)
+  rows = []
+  for name in args.configs.split(','):
+    for batch in map(int, args.batch_sizes.split(',')):
+      row = bench_case(name, batch, args.steps, args.repeats, roof)
+      rows.append(row)
+      print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+            flush=True)
+  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+  with open(args.out + '.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  with open(args.out + '.md', 'w') as f:
+    f.write(f'# Training speed on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs)\n\n'
+            f'fp32 matmul roof measured in the same process: {roof / 1e9:.1f} GFLOP/s.\n'
+            f'Command: `python {" ".join([sys.argv[0]] + (argv or sys.argv[1:]))}`\n\n')
+    f.write(markdown(rows) + '\n')
+  print(markdown(rows))
+
+
+if __name__ == '__main__':
+  main()
