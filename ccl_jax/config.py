@@ -41,6 +41,7 @@ def base() -> ml_collections.ConfigDict:
   c.steps_per_call = 0         # training steps fused into one compiled call; 0 = one epoch
   c.eval_batch_size = 1000
   c.checkpoint_every_epochs = 1
+  c.checkpoint_every_steps = 0  # also save mid-epoch every N steps (0 = only at epoch ends)
   c.keep_checkpoints = 2
   c.force_retrain = False      # start over in a finished workdir (old files are moved aside)
   c.analysis_batch_size = 256  # batch used for the alignment metrics at each evaluation

@@ -1,9 +1,13 @@
-"""Data parallelism over all local devices: one wrapper, three modes ('none', 'pmap', 'shard_map').
+"""Data parallelism over all devices: one wrapper, three modes ('none', 'pmap', 'shard_map').
 
 The wrapped function is a training *chunk* `(state, images, labels, idx) -> (state, metrics)`
 where `idx` (steps × global batch) indexes the device-resident dataset. The global batch is split
 over a 1-D 'data' axis; parameters and optimizer states are replicated; rules average gradients
 and metrics with `lax.pmean` over `AXIS` (their `axis_name`), so every mode computes the same step.
+
+Multi-host (after `jax.distributed.initialize()`): every process holds the (small) dataset and
+the same global index array; each device gathers its own columns, so each host reads only its
+shard of every batch. Collectives span all processes.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -21,61 +24,89 @@ AXIS = 'data'
 Chunk = Callable[..., tuple[Any, Any]]
 
 
+def _host(tree):
+  """A host (numpy) copy of a tree of replicated arrays, also where they span several hosts."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
+def _first(x: jax.Array):
+  """Device 0's copy of a pmap output (its leading device axis dropped)."""
+  d = x.addressable_data(0)
+  return d[0] if d.ndim == x.ndim else d
+
+
 class DataParallel:
   """Places state and data for one mode and compiles the chunk function for it."""
 
-  def __init__(self, mode: str, devices=None):
+  def __init__(self, mode: str):
     self.mode = mode
-    self.devices = list(devices or jax.local_devices())
-    self.n = 1 if mode == 'none' else len(self.devices)
     self.axis_name = None if mode == 'none' else AXIS
-    if mode != 'none':
-      self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,),
-                                    axis_types=(jax.sharding.AxisType.Auto,))
-      self.replicated = NamedSharding(self.mesh, P())
-      self.stacked = NamedSharding(self.mesh, P(AXIS))  # pmap's leading device axis
+    self.local = jax.local_devices()
+    if mode == 'none':
+      self.n = 1
+      return
+    # pmap maps over this process's devices; shard_map's mesh spans every process's devices.
+    devices = self.local if mode == 'pmap' else jax.devices()
+    self.n = len(self.local) * jax.process_count() if mode == 'pmap' else len(devices)
+    self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,),
+                                  axis_types=(jax.sharding.AxisType.Auto,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.stacked = NamedSharding(self.mesh, P(AXIS))      # pmap's leading device axis
+    self.columns = NamedSharding(self.mesh, P(None, AXIS))  # shard_map's split of the batch
 
   def check_batch(self, batch_size: int) -> None:
     if batch_size % self.n:
       raise UserError(f'config.batch_size={batch_size} does not divide over {self.n} devices '
                       f'(parallel={self.mode}); use a multiple of {self.n}')
 
+  def _put(self, x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from the full host copy every process holds."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
   # -- placement ----------------------------------------------------------------------------------
   def put_data(self, x: np.ndarray) -> jax.Array:
     """The whole split, resident on every device (replicated)."""
     if self.mode == 'none':
       return jax.device_put(x)
-    return jax.device_put(x, self.replicated)
+    return self._put(x, self.replicated)
 
   def put_state(self, state):
-    if self.mode == 'shard_map':
-      return jax.device_put(state, self.replicated)
+    if self.mode == 'none':
+      return jax.device_put(state)
+    host = _host(state)
     if self.mode == 'pmap':
-      return jax.device_put(
-          jax.tree.map(lambda x: np.broadcast_to(x, (self.n,) + np.shape(x)), jax.device_get(state)),
-          self.stacked)
-    return jax.device_put(state)
+      return jax.tree.map(lambda x: self._put(np.broadcast_to(x, (len(self.local),) + x.shape),
+                                              self.stacked), host)
+    return jax.tree.map(lambda x: self._put(x, self.replicated), host)
 
   def get_state(self, state):
     """One copy of the (replicated) state, for evaluation and checkpoints."""
     if self.mode == 'pmap':
-      return jax.tree.map(lambda x: x[0], state)
+      return jax.tree.map(_first, state)
+    if self.mode == 'shard_map' and jax.process_count() > 1:
+      return _host(state)
     return state
 
   def get_metrics(self, metrics):
-    metrics = jax.device_get(metrics)
     if self.mode == 'pmap':
-      metrics = jax.tree.map(lambda x: x[0], metrics)
-    return metrics
+      return jax.tree.map(lambda x: np.asarray(_first(x)), metrics)
+    return _host(metrics)
 
   def split_idx(self, idx: np.ndarray):
     """(steps, B) global indices -> this mode's layout: device i gets columns i·B/n:(i+1)·B/n."""
     if self.mode == 'pmap':
       steps, b = idx.shape
-      return jax.device_put(idx.reshape(steps, self.n, b // self.n).transpose(1, 0, 2), self.stacked)
+      per_device = idx.reshape(steps, self.n, b // self.n).transpose(1, 0, 2)
+      mine = per_device[jax.process_index() * len(self.local):][:len(self.local)]
+      return self._put(mine, self.stacked)
     if self.mode == 'shard_map':
-      return jax.device_put(idx, NamedSharding(self.mesh, P(None, AXIS)))
-    return jnp.asarray(idx)
+      return self._put(idx, self.columns)
+    return jax.device_put(idx)
 
   # -- compilation --------------------------------------------------------------------------------
   def compile(self, chunk: Chunk) -> Chunk:

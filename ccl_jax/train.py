@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sample = {'image': jnp.asarray(data.train.images[:config.batch_size // para.n]),
             'label': jnp.asarray(data.train.labels[:config.batch_size // para.n])}
   state = rule.init(init_rng, sample)
-  best = {'params': state.params, 'extra': state.extra}
+  best = jax.device_get({'params': state.params, 'extra': state.extra})  # host copy: state is donated
   meta = {'epoch': 0, 'best_epoch': 0, 'best_val_loss': float('inf')}
 
   ckpt = Checkpointer(workdir, config.keep_checkpoints, write=is_main)
@@ -190,10 +190,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          if len(data.val) else data.train.labels[:256])}
   analyze = jax.jit(rule.analyze)
   per_call = config.steps_per_call or steps_per_epoch
+  if config.checkpoint_every_steps:
+    per_call = min(per_call, config.checkpoint_every_steps)
   ckpt_every = config.checkpoint_every_epochs
   state = para.put_state(state)
   compiled: dict[int, Any] = {}
   step = int(para.get_state(state).step)
+  last_saved = step
   sps = float('nan')
 
   for epoch in range(step // steps_per_epoch, config.num_epochs):
@@ -201,6 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     offset = step - epoch * steps_per_epoch
     bar = _progress(config, epoch, steps_per_epoch, offset)
     train_time, losses = 0.0, []
+    partial = meta.pop('partial_epoch', None)  # a mid-epoch checkpoint's running loss sum
+    loss_sum, loss_count = (partial['loss_sum'], partial['count']) if partial else (0.0, 0)
     while offset < steps_per_epoch:
       n = min(per_call, steps_per_epoch - offset)
       chunk_idx = para.split_idx(idx[offset:offset + n])
@@ -220,8 +225,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f'first in {bad[1]}; last good checkpoint kept in {ckpt.directory} '
                         f'(steps {ckpt.steps() or "none"}); lower the learning rate')
       losses.append(np.asarray(metrics['loss']))
+      loss_sum += float(np.sum(losses[-1], dtype=np.float64))
+      loss_count += n
       step += n
       offset += n
+      if (config.checkpoint_every_steps and offset < steps_per_epoch
+          and step - last_saved >= config.checkpoint_every_steps):
+        ckpt.save(step, {'state': para.get_state(state), 'best': best},
+                  {**meta, 'config': cfg_json,
+                   'partial_epoch': {'loss_sum': loss_sum, 'count': loss_count}})
+        last_saved = step
       if bar is not None:
         bar.update(n)
         bar.set_postfix(loss=f'{float(np.mean(losses[-1])):.4f}',
@@ -235,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     val = evaluate_split(evaluate, host_state.params, host_state.extra, data.val, config.eval_batch_size)
     test = evaluate_split(evaluate, host_state.params, host_state.extra, data.test, config.eval_batch_size)
     record = {'step': step, 'epoch': epoch + 1,
-              'train_loss': float(np.mean(np.concatenate(losses))),
+              'train_loss': loss_sum / max(loss_count, 1),
               'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
               'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
               'samples_per_second': sps, 'epoch_train_seconds': train_time}
@@ -253,6 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"test_acc {test['accuracy']:.4f} ({sps:.0f} samples/s)", flush=True)
     if (epoch + 1) % ckpt_every == 0 or epoch + 1 == config.num_epochs:
       ckpt.save(step, {'state': host_state, 'best': best}, meta)
+      last_saved = step
 
   final_test = evaluate_split(evaluate, best['params'], best['extra'], data.test, config.eval_batch_size)
   final = {'step': step, 'epoch': config.num_epochs, 'final': True,

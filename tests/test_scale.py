@@ -79,7 +79,8 @@ def final_tree(workdir) -> dict:
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-  flags = ('--config.num_epochs=30', '--config.hidden=(512,512)', '--config.keep_checkpoints=3')
+  flags = ('--config.num_epochs=30', '--config.hidden=(512,512)', '--config.keep_checkpoints=3',
+           '--config.checkpoint_every_steps=7')  # mid-epoch checkpoints too
   straight = run_main(tmp_path / 'straight', *flags)
   assert straight.wait(timeout=600) == 0, straight.stdout.read()
 
