@@ -30,7 +30,11 @@ def _shapes(tree: Tree) -> dict[str, tuple]:
 
 
 class Checkpointer:
-  """Saves every call to `save`, keeps the newest `keep`; restores the newest readable one."""
+  """Saves every call to `save`, keeps the newest `keep`; restores the newest readable one.
+
+  In a multi-process run every process makes one and calls `save`/`restore` together; Orbax
+  lets the primary process write. `write=False` opens a run read-only (for inspection).
+  """
 
   def __init__(self, workdir: str, keep: int = 2, write: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
@@ -83,7 +87,7 @@ class Checkpointer:
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(os.path.dirname(self.directory), 'corrupt_checkpoints',
                        f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-    if self.write and os.path.isdir(src):
+    if self.write and jax.process_index() == 0 and os.path.isdir(src):
       os.makedirs(os.path.dirname(dst), exist_ok=True)
       os.replace(src, dst)
       self.manager.reload()

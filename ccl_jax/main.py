@@ -17,6 +17,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where the run writes; default runs/<config>-<time>.')
 flags.DEFINE_bool('jax_distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (auto on TPU/Slurm).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (auto on TPU/Slurm).')
+flags.DEFINE_integer('process_id', None, 'This process (auto on TPU/Slurm).')
 
 
 def main(argv) -> None:
@@ -24,7 +27,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.ERROR)  # keep JAX's backend probing and tfds chatter out
   if FLAGS.jax_distributed:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from ccl_jax import train  # after flags: keeps --help fast
   try:
     config = FLAGS.config

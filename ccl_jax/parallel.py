@@ -109,6 +109,15 @@ class DataParallel:
     return jax.device_put(idx)
 
   # -- compilation --------------------------------------------------------------------------------
+  def ahead_of_time(self, fn: Chunk, *args) -> Chunk:
+    """Compiles `fn` for these arguments now, so the training clock excludes compilation.
+
+    Multi-process pmap is left to compile on its first call (its lowering sees global shapes).
+    """
+    if self.mode == 'pmap' and jax.process_count() > 1:
+      return fn
+    return fn.lower(*args).compile()
+
   def compile(self, chunk: Chunk) -> Chunk:
     if self.mode == 'pmap':
       return jax.pmap(chunk, axis_name=AXIS, in_axes=(0, None, None, 0), donate_argnums=0)

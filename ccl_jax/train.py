@@ -165,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best = jax.device_get({'params': state.params, 'extra': state.extra})  # host copy: state is donated
   meta = {'epoch': 0, 'best_epoch': 0, 'best_val_loss': float('inf')}
 
-  ckpt = Checkpointer(workdir, config.keep_checkpoints, write=is_main)
+  ckpt = Checkpointer(workdir, config.keep_checkpoints)  # every process joins; Orbax coordinates
   restored = ckpt.restore({'state': state, 'best': best}, cfg_json)
   if restored is not None:
     tree, meta = restored
@@ -211,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       chunk_idx = para.split_idx(idx[offset:offset + n])
       if n not in compiled:  # compile ahead of time, so it is not counted as training time
         t0 = time.perf_counter()
-        compiled[n] = step_fn.lower(state, images, labels, chunk_idx).compile()
+        compiled[n] = para.ahead_of_time(step_fn, state, images, labels, chunk_idx)
         print(f'compiled a {n}-step call in {time.perf_counter() - t0:.1f}s', flush=True)
       t0 = time.perf_counter()
       state, metrics = compiled[n](state, images, labels, chunk_idx)

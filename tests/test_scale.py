@@ -156,3 +156,30 @@ def test_finished_run_prints_results_instead_of_retraining(tmp_path):
   assert again.returncode == 0
   assert 'already holds a finished run' in out and 'final: test_accuracy=' in out, out
   assert 'epoch 1/2' not in out
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
+def test_two_processes_match_one(mode, tmp_path):
+  """Multi-host on one machine: 2 processes × 2 CPU devices, gloo collectives, only process 0 logs."""
+  flags = ('--config.num_epochs=2', '--config.hidden=(64,)')
+  single = run_main(tmp_path / 'single', *flags)
+  assert single.wait(timeout=300) == 0
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  port = free_port()
+  procs = [run_main(tmp_path / 'multi', *flags, '--jax_distributed', f'--config.parallel={mode}',
+                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                    f'--process_id={i}', env=env) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  a, b = final_record(tmp_path / 'single'), final_record(tmp_path / 'multi')
+  assert abs(a['test_accuracy'] - b['test_accuracy']) <= 0.01, (a, b)
+  np.testing.assert_allclose(a['best_val_loss'], b['best_val_loss'], rtol=1e-3)
+  assert len((tmp_path / 'multi' / 'metrics.jsonl').read_text().splitlines()) == 3  # one writer
