@@ -274,6 +274,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            'best_epoch': meta['best_epoch'], 'best_val_loss': meta['best_val_loss'],
            'samples_per_second': sps}
   log.add(final)
+  if is_main:
+    from ccl_jax import report
+    final_plot = report.plot_run(workdir, f'{config.rule} · {config.model} · {config.dataset}')
+    print(f'plots: {final_plot}')
   print(summary_line(final), flush=True)
   return final
 

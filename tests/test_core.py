@@ -97,6 +97,7 @@ def test_bp_gradient_equals_end_to_end_grad():
 def test_default_config_learns_digits(rule, tmp_path):
   final = train.train_and_evaluate(load_config('default', rule=rule, progress=False), str(tmp_path))
   assert final['test_accuracy'] >= 0.90, final
+  assert (tmp_path / 'plots' / 'curves.png').stat().st_size > 10_000  # the run's curves, drawn
 
 
 @pytest.mark.parametrize('rule,floor', [('bp', 0.92), ('ccl', 0.85)])
