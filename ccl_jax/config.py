@@ -22,11 +22,14 @@ def base() -> ml_collections.ConfigDict:
   c.rule = 'ccl'
   c.model = 'mlp'
   c.hidden = (256, 256)        # hidden widths of the MLP
+  c.channels = (128, 128, 256, 256, 512)  # conv widths of model='cnn' (one block per entry)
+  c.use_bias = False           # biases in the MLP / CNN layers
   c.activation = 'elu'
   c.output_activation = 'none'  # 'sigmoid' for the weight-transport reference MLP
   c.loss = 'ce'                # 'ce' or 'bce' (summed binary cross-entropy on sigmoid outputs)
   c.init = 'torch'             # 'torch' (U(±1/sqrt(fan_in))) or 'glorot_normal' (N(0, 1/(fan_in+fan_out)))
   c.dataset = 'digits'
+  c.normalize = 'mean_std'     # 'mean_std' (per-channel standardisation) or 'unit' (pixels/255)
   c.data_dir = ''              # tfds data_dir; '' = tfds default (~/tensorflow_datasets)
   c.cache_dir = '~/.cache/ccl_jax'  # decoded splits are cached here as .npz; '' = no cache
   c.batch_size = 64
@@ -36,6 +39,14 @@ def base() -> ml_collections.ConfigDict:
   c.shuffle = True
   c.seed = 2023
   c.loss_scale_c = 0.5         # CCL: weight of the layer-wise prototype losses
+  # FA / sign symmetry / KP / WM (SPEC §2); the feedback optimizer is not used by these rules.
+  c.sign_scale = 0.0           # sign symmetry: B = sign(Wᵀ)·s; s = this, or mean|W| per layer if 0
+  c.kp_decay = 1.0             # KP: κ in W ← κW − η∇W, B ← κB − η∇Wᵀ (1 = no decay, as the reference)
+  c.wm_lr = 0.01               # WM: η_m in B += η_m · x yᵀ (summed over the mirror batch)
+  c.wm_noise = 0.05            # WM: mirror input x ~ U(−a, a)
+  c.wm_batch = 128             # WM: mirror batch size
+  c.wm_decay = 0.0             # WM: B ← (1 − λ)·B before each mirror step (0 = none, as the reference)
+  c.wm_init_steps = -1         # WM: mirror steps before training; −1 = one epoch's worth of batches
   c.optimizer = ml_collections.ConfigDict(dict(forward=optimizer(), feedback=optimizer()))
   c.parallel = 'none'          # 'none', 'pmap' or 'shard_map'
   c.steps_per_call = 0         # training steps fused into one compiled call; 0 = one epoch
@@ -73,6 +84,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.optimizer.{tree}.name='{opt.name}' must be 'sgd' or 'adam'")
     if opt.schedule not in ('constant', 'cosine'):
       raise UserError(f"config.optimizer.{tree}.schedule='{opt.schedule}' must be 'constant' or 'cosine'")
+  if c.get('normalize', 'mean_std') not in ('mean_std', 'unit'):
+    raise UserError(f"config.normalize='{c.normalize}' must be 'mean_std' or 'unit'")
   if not 0.0 <= c.val_fraction < 1.0:
     raise UserError(f'config.val_fraction={c.val_fraction} must be in [0, 1)')
 
@@ -92,4 +105,50 @@ def reference_mlp(dataset: str, rule: str) -> ml_collections.ConfigDict:
   c.seed = 2023
   c.optimizer.forward = optimizer(lr=1.0, clip=1.0)
   c.optimizer.feedback = optimizer(lr=1.0, clip=1.0)
+  return c
+
+
+SIGMOID_MLP_HIDDEN = {'mnist': (500,), 'fashion_mnist': (500,), 'cifar10': (1000,),
+                      'cifar100': (1000,), 'digits': (64,)}
+SIGMOID_MLP_LR = {'bp': 0.2, 'fa': 0.2, 'sign_symmetry': 0.2, 'wm': 0.05, 'kp': 0.3}
+
+
+def reference_sigmoid_mlp(dataset: str, rule: str) -> ml_collections.ConfigDict:
+  """SPEC §2: the weight-transport paper's sigmoid MLP (one hidden layer, sigmoid outputs, summed
+  BCE, N(0, 1/(fan_in+fan_out)) init, no biases, plain SGD, batch 128, 400 epochs, no shuffling,
+  pixels/255) with the reference learning rates (sign symmetry, not in the reference, uses FA's)."""
+  c = base()
+  c.rule = rule
+  c.dataset = dataset
+  c.model = 'mlp'
+  c.hidden = SIGMOID_MLP_HIDDEN[dataset]
+  c.activation = 'sigmoid'
+  c.output_activation = 'sigmoid'
+  c.loss = 'bce'
+  c.init = 'glorot_normal'
+  c.use_bias = False
+  c.normalize = 'unit'
+  c.shuffle = False
+  c.batch_size = 128
+  c.num_epochs = 400
+  c.seed = 2023
+  lr = SIGMOID_MLP_LR[rule]
+  c.optimizer.forward = optimizer(lr=lr, clip=0.0)
+  c.optimizer.feedback = optimizer(lr=lr, clip=0.0)  # unused by fa/sign/kp/wm (B has its own rule)
+  return c
+
+
+def small_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
+  """A narrow `cnn_pool` body (SPEC §1.2: 5 × [Conv3×3 → ELU → MaxPool 2] → Dense) for quick
+  conv-layer runs of the feedback-weight rules: SGD with momentum, batch 128, 2 epochs."""
+  c = base()
+  c.rule = rule
+  c.dataset = dataset
+  c.model = 'cnn'
+  c.channels = (8, 16, 16, 32, 32)
+  c.activation = 'elu'
+  c.batch_size = 128
+  c.num_epochs = 2
+  c.optimizer.forward = optimizer(lr=0.02, momentum=0.9, clip=1.0)
+  c.optimizer.feedback = optimizer(lr=0.02, momentum=0.9, clip=1.0)  # unused by fa/sign/kp/wm
   return c

@@ -45,8 +45,9 @@ class Dataset:
     return self.train.images.shape[1:]
 
 
-def _digits() -> tuple[Split, Split, int]:
-  """sklearn's bundled 8x8 digits, split deterministically 80/20 train/test."""
+def _digits(standardise: bool = True) -> tuple[Split, Split, int]:
+  """sklearn's bundled 8x8 digits, split deterministically 80/20 train/test; in [0, 1] unless
+  `standardise` (then zero mean, unit std over the training pixels)."""
   from sklearn.datasets import load_digits
   d = load_digits()
   images = (d.images / 16.0).astype(np.float32)[..., None]
@@ -54,8 +55,9 @@ def _digits() -> tuple[Split, Split, int]:
   order = np.random.default_rng(0).permutation(len(labels))
   cut = int(0.8 * len(labels))
   tr, te = order[:cut], order[cut:]
-  mean, std = images[tr].mean(), images[tr].std()
-  images = (images - mean) / std
+  if standardise:
+    mean, std = images[tr].mean(), images[tr].std()
+    images = (images - mean) / std
   return Split(images[tr], labels[tr]), Split(images[te], labels[te]), 10
 
 
@@ -105,21 +107,24 @@ def _cached(name: str, split: str, data_dir: str, cache_dir: str) -> Split:
   return s
 
 
-def _normalise(s: Split, mean, std) -> Split:
+def _normalise(s: Split, mean, std, how: str = 'mean_std') -> Split:
+  """pixels/255, then (for 'mean_std') per-channel standardisation; 'unit' stops at pixels/255."""
   x = s.images.astype(np.float32) / 255.0
-  x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  if how == 'mean_std':
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
   return Split(x, s.labels)
 
 
 def load(config) -> Dataset:
   """Loads `config.dataset` into memory, with the validation split carved from train."""
   name = config.dataset
+  how = config.get('normalize', 'mean_std')
   if name == 'digits':
-    train, test, k = _digits()
+    train, test, k = _digits(standardise=how == 'mean_std')
   elif name in TFDS:
     tfds_name, mean, std, k = TFDS[name]
-    train = _normalise(_cached(tfds_name, 'train', config.data_dir, config.cache_dir), mean, std)
-    test = _normalise(_cached(tfds_name, 'test', config.data_dir, config.cache_dir), mean, std)
+    train = _normalise(_cached(tfds_name, 'train', config.data_dir, config.cache_dir), mean, std, how)
+    test = _normalise(_cached(tfds_name, 'test', config.data_dir, config.cache_dir), mean, std, how)
   else:
     raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
   order = np.random.default_rng(config.seed).permutation(len(train))

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ccl_jax import layers
+
 ACTIVATIONS: dict[str, Callable] = {
     'elu': nn.elu, 'relu': nn.relu, 'sigmoid': nn.sigmoid, 'tanh': jnp.tanh,
     'leaky_relu': lambda x: nn.leaky_relu(x, 0.01), 'none': lambda x: x,
@@ -28,10 +30,12 @@ def sg_if(x: jax.Array, cut: bool) -> jax.Array:
 
 
 class MLP(nn.Module):
-  """x → [Dense → φ] × len(hidden) → Dense (logits). No biases.
+  """x → [Dense → φ] × len(hidden) → Dense → output φ. No biases unless `use_bias`.
 
-  `local=True` cuts every layer's input with stop_gradient (CCL); the call returns the logits and
-  the list of hidden activations h_1..h_{L-1}.
+  `local=True` cuts every layer's input with stop_gradient (CCL); the call returns the outputs and
+  the list of hidden activations h_1..h_{L-1}. `feedback=True` builds every layer as a
+  `layers.FeedbackDense` (FA, sign symmetry, KP, WM): the error reaches each layer's input through
+  the layer's B (collection 'feedback') instead of Wᵀ.
   """
   hidden: Sequence[int]
   num_classes: int
@@ -39,6 +43,16 @@ class MLP(nn.Module):
   output_activation: str = 'none'
   weight_init: str = 'torch'
   local: bool = False
+  feedback: bool = False
+  use_bias: bool = False
+
+  def dense(self, width: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
+    init = kernel_init(self.weight_init)
+    if self.feedback:
+      return layers.FeedbackDense(features=width, activation=act, use_bias=self.use_bias,
+                                  kernel_init=init, name=name)
+    layer = nn.Dense(width, use_bias=self.use_bias, kernel_init=init, name=name)
+    return lambda h: act(layer(h))
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -46,12 +60,11 @@ class MLP(nn.Module):
     h = x.reshape(x.shape[0], -1)
     hiddens = []
     for i, width in enumerate(self.hidden):
-      h = act(nn.Dense(width, use_bias=False, kernel_init=kernel_init(self.weight_init),
-                       name=f'layer_{i + 1}')(sg_if(h, self.local)))
+      h = self.dense(width, act, f'layer_{i + 1}')(sg_if(h, self.local))
       hiddens.append(h)
-    z = nn.Dense(self.num_classes, use_bias=False, kernel_init=kernel_init(self.weight_init),
-                 name=f'layer_{len(self.hidden) + 1}')(sg_if(h, self.local))
-    return ACTIVATIONS[self.output_activation](z), hiddens
+    out = self.dense(self.num_classes, ACTIVATIONS[self.output_activation],
+                     f'layer_{len(self.hidden) + 1}')(sg_if(h, self.local))
+    return out, hiddens
 
 
 class FeedbackMLP(nn.Module):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from ccl_jax.errors import UserError
-from ccl_jax.rules import backprop, counter_current
+from ccl_jax.rules import backprop, counter_current, feedback_alignment, kolen_pollack, weight_mirror
 from ccl_jax.rules.base import Rule, Task
 
 REGISTRY: dict[str, type[Rule]] = {
     'bp': backprop.Backprop,
     'ccl': counter_current.CounterCurrent,
+    'fa': feedback_alignment.FeedbackRule,
+    'sign_symmetry': feedback_alignment.SignSymmetry,
+    'kp': kolen_pollack.KolenPollack,
+    'wm': weight_mirror.WeightMirror,
 }
 
 

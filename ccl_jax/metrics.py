@@ -1,0 +1,98 @@
+"""Alignment metrics for feedback-weight rules: weight angles, delta angles, norm ratios (SPEC §2).
+
+Layers are named by their module path ('layer_1', ...). Every function is pure and jit-able and
+returns scalars, so a rule's `analyze` can hand them straight to the training loop's log.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ccl_jax.layers import feedback_transpose
+
+PyTree = Any
+Path = tuple[str, ...]
+
+
+def angle_degrees(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Angle in degrees between two tensors, each flattened to one vector (90 if either is zero)."""
+  a, b = jnp.ravel(a).astype(jnp.float32), jnp.ravel(b).astype(jnp.float32)
+  denom = jnp.linalg.norm(a) * jnp.linalg.norm(b)
+  cos = jnp.where(denom > 0, jnp.dot(a, b) / jnp.where(denom > 0, denom, 1.0), 0.0)
+  return jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
+
+
+def _natural(name: str) -> list:
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def names(key_path) -> Path:
+  """A jax key path (DictKey, ...) as a tuple of plain names."""
+  return tuple(str(getattr(k, 'key', k)) for k in key_path)
+
+
+def leaves_by_path(tree: PyTree) -> dict[Path, jax.Array]:
+  """{('layer_1', 'kernel'): leaf, ...} for a nested-dict tree."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {names(path): v for path, v in flat}
+
+
+def lookup(tree: PyTree, path: Path) -> jax.Array:
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def layer_name(path: Path) -> str:
+  """The layer a leaf belongs to: its path without the last key ('kernel', 'preact')."""
+  return '/'.join(path[:-1])
+
+
+def feedback_pairs(forward: PyTree, feedback: PyTree) -> list[tuple[str, jax.Array, jax.Array]]:
+  """(layer name, W, B) for every feedback kernel, in layer order (input to output)."""
+  pairs = [(layer_name(p), lookup(forward, p), b) for p, b in leaves_by_path(feedback).items()]
+  return sorted(pairs, key=lambda t: _natural(t[0]))
+
+
+def transposed_forward(forward: PyTree, feedback: PyTree) -> PyTree:
+  """A feedback tree holding feedback_transpose(W) for every B: the feedback that gives exactly BP."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: feedback_transpose(lookup(forward, names(path))), feedback)
+
+
+def weight_metrics(forward: PyTree, feedback: PyTree) -> dict[str, jax.Array]:
+  """weight_angle/<layer> = ∠(vec Wᵀ, vec B) in degrees; norm_ratio/<layer> = ‖B‖/‖W‖."""
+  out = {}
+  for name, w, b in feedback_pairs(forward, feedback):
+    out[f'weight_angle/{name}'] = angle_degrees(feedback_transpose(w), b)
+    out[f'norm_ratio/{name}'] = jnp.linalg.norm(b.ravel()) / jnp.maximum(
+        jnp.linalg.norm(w.ravel()), 1e-12)
+  return out
+
+
+def delta_angles(model, forward: PyTree, feedback: PyTree, images: jax.Array,
+                 loss_fn: Callable[[jax.Array], jax.Array]) -> dict[str, jax.Array]:
+  """delta_angle/<layer> for every hidden layer: the angle between the error signal the rule's
+  backward pass (through B) delivers at the layer's pre-activation and the one backprop (B := Wᵀ)
+  delivers, both from the same forward pass and the same output error, over the whole batch.
+
+  `model` is a flax module built from feedback-aware layers (they mark their pre-activations with
+  `perturb('preact')`); `loss_fn` maps the model's outputs to the scalar training loss.
+  """
+  variables = {'params': forward, 'feedback': feedback}
+  _, probes = model.apply(variables, images, mutable=['perturbations'])
+  probes = probes['perturbations']
+
+  def deltas(fb):
+    def loss(p):
+      out = model.apply({'params': forward, 'feedback': fb, 'perturbations': p}, images)[0]
+      return loss_fn(out)
+    return leaves_by_path(jax.grad(loss)(probes))
+
+  rule, bp = deltas(feedback), deltas(transposed_forward(forward, feedback))
+  paths = sorted(rule, key=lambda p: _natural(layer_name(p)))[:-1]  # the output layer's are equal
+  return {f'delta_angle/{layer_name(p)}': angle_degrees(rule[p], bp[p]) for p in paths}

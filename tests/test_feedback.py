@@ -1,0 +1,242 @@
+"""Feedback-weight rules (FA, sign symmetry, KP, WM): layers, rule identities, metrics, digits runs."""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from ccl_jax import config as config_lib
+from ccl_jax import layers, metrics, rules
+from ccl_jax.rules.base import Task
+from ccl_jax.train import train_and_evaluate
+
+KEYS = jax.random.split(jax.random.PRNGKey(0), 8)
+
+
+def normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+  """Test data from numpy: no jax PRNG program to compile for every new shape."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def labels_for(seed: int, n: int) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 10, n), jnp.int32)
+
+
+def digits_config(rule: str, **overrides):
+  """configs/default.py (ELU MLP 64-256-256-10 on digits, SGD lr 1, clip 1) with `rule`."""
+  return load_config('default', rule=rule, progress=False, cache_dir='', **overrides)
+
+
+def make_rule(rule: str, config=None, image_shape=(8, 8, 1), total_steps=100):
+  config = config or digits_config(rule)
+  r = rules.get(config, Task(10, image_shape, total_steps))
+  x = normal(0, (16,) + image_shape)
+  y = labels_for(1, 16)
+  return r, {'image': x, 'label': y}
+
+
+def small_cnn_config(rule: str):
+  c = config_lib.small_cnn('mnist', rule)
+  c.channels = (4, 8)
+  return c
+
+
+# -- layers -----------------------------------------------------------------------------------------
+def test_dense_with_transposed_feedback_is_backprop_exactly():
+  x, w = normal(0, (5, 7)), normal(1, (7, 3))
+  plain = jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w) ** 2), (0, 1))(x, w)
+  fb = jax.grad(lambda x, w: jnp.sum(jnp.tanh(layers.feedback_dense(x, w, w.T)) ** 2), (0, 1))(x, w)
+  for a, b in zip(plain, fb):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_conv_with_transposed_feedback_is_backprop_exactly():
+  x, w = normal(0, (2, 6, 6, 3)), normal(1, (3, 3, 3, 4))
+  def loss(op):
+    return lambda x, w: jnp.sum(jnp.tanh(op(x, w)) ** 2)
+  plain = jax.grad(loss(layers.conv), (0, 1))(x, w)
+  fb = jax.grad(loss(lambda x, w: layers.feedback_conv(x, w, layers.feedback_transpose(w))),
+                (0, 1))(x, w)
+  for a, b in zip(plain, fb):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dense_vjp_is_the_hand_written_b_product():
+  x, w = normal(0, (5, 7)), normal(1, (7, 3))
+  b, g = normal(2, (3, 7)), normal(3, (5, 3))
+  out, vjp = jax.vjp(layers.feedback_dense, x, w, b)
+  dx, dw, db = vjp(g)
+  chex.assert_trees_all_close(out, x @ w)
+  chex.assert_trees_all_close(dx, g @ b, rtol=1e-6)        # error goes through B, not W
+  chex.assert_trees_all_close(dw, x.T @ g, rtol=1e-6)      # W's gradient is BP's
+  np.testing.assert_array_equal(db, jnp.zeros_like(b))
+
+
+def test_conv_vjp_is_the_adjoint_of_the_feedback_conv():
+  x, w = normal(0, (2, 6, 6, 3)), normal(1, (3, 3, 3, 4))
+  b = normal(2, (3, 3, 4, 3))
+  g, v = normal(3, (2, 6, 6, 4)), normal(4, (2, 6, 6, 3))
+  dx, dw, db = jax.vjp(layers.feedback_conv, x, w, b)[1](g)
+  # dx is the adjoint of v ↦ conv(v, Bᵀ): <dx, v> = <g, conv(v, Bᵀ)>
+  chex.assert_trees_all_close(jnp.vdot(dx, v), jnp.vdot(g, layers.conv(v, layers.feedback_transpose(b))),
+                              rtol=1e-4)
+  chex.assert_trees_all_close(dw, jax.grad(lambda w: jnp.vdot(g, layers.conv(x, w)))(w), rtol=1e-6)
+  np.testing.assert_array_equal(db, jnp.zeros_like(b))
+
+
+def test_modules_keep_b_in_the_feedback_collection():
+  v = layers.FeedbackConv(features=4).init(KEYS[0], jnp.ones((1, 5, 5, 3)))
+  assert v['params']['kernel'].shape == (3, 3, 3, 4)
+  assert v['feedback']['kernel'].shape == (3, 3, 4, 3)
+  v = layers.FeedbackDense(features=4, use_bias=True).init(KEYS[0], jnp.ones((1, 3)))
+  assert v['params']['kernel'].shape == (3, 4) and v['feedback']['kernel'].shape == (4, 3)
+
+
+@pytest.mark.parametrize('model', ['mlp', 'cnn'])
+def test_feedback_net_with_transposed_b_matches_backprop(model):
+  config = {'mlp': digits_config, 'cnn': small_cnn_config}[model]
+  shape = (8, 8, 1)
+  fa, batch = make_rule('fa', config('fa'), shape)
+  bp, _ = make_rule('bp', config('bp'), shape)
+  state = fa.init(KEYS[5], batch)
+  params = state.params
+  aligned = {'forward': params['forward'],
+             'feedback': metrics.transposed_forward(params['forward'], params['feedback'])}
+  g_fa = jax.jit(jax.grad(lambda f: fa.loss(f, aligned['feedback'], batch)[0]))(params['forward'])
+  g_bp = jax.jit(jax.grad(lambda f: bp.loss({'forward': f}, batch)[0]))(params['forward'])
+  chex.assert_trees_all_close(g_fa, g_bp, rtol=1e-5, atol=1e-7)
+  out = jax.jit(fa.analyze)(state.replace(params=aligned), batch)
+  for k, v in out.items():
+    if 'angle' in k:
+      assert float(v) < 0.1, (k, v)   # float32 arccos near 1 resolves ~0.03°
+    else:
+      np.testing.assert_allclose(float(v), 1.0, rtol=1e-5)
+
+
+def test_fa_keeps_b_fixed_and_w_learns():
+  r, batch = make_rule('fa')
+  s0 = r.init(KEYS[2], batch)
+  s = jax.jit(r.update)(s0, batch)[0]
+  chex.assert_trees_all_equal(s.params['feedback'], s0.params['feedback'])
+  assert not np.allclose(s.params['forward']['layer_1']['kernel'], s0.params['forward']['layer_1']['kernel'])
+  # B has W's scale (same initializer), but is independent of it
+  for name, w, b in metrics.feedback_pairs(s0.params['forward'], s0.params['feedback']):
+    np.testing.assert_allclose(np.std(b), np.std(w), rtol=0.2)
+    assert 80 < float(metrics.angle_degrees(layers.feedback_transpose(w), b)) < 100
+
+
+# -- rule identities --------------------------------------------------------------------------------
+def test_kp_difference_decays_as_kappa_to_the_n():
+  kappa, n = 0.9, 6
+  c = digits_config('kp', kp_decay=kappa)
+  c.optimizer.forward.momentum = 0.9  # B gets the applied update, so momentum keeps the identity
+  r, batch = make_rule('kp', c)
+  s0 = r.init(KEYS[2], batch)
+  step = jax.jit(r.update)
+  s = s0
+  for _ in range(n):
+    s = step(s, batch)[0]
+  for (_, w0, b0), (_, w, b) in zip(metrics.feedback_pairs(s0.params['forward'], s0.params['feedback']),
+                                    metrics.feedback_pairs(s.params['forward'], s.params['feedback'])):
+    want = kappa ** n * (layers.feedback_transpose(w0) - b0)
+    np.testing.assert_allclose(layers.feedback_transpose(w) - b, want, atol=2e-6)
+    assert not np.allclose(w, w0)
+
+
+def test_kp_refuses_optimizer_weight_decay():
+  c = digits_config('kp')
+  c.optimizer.forward.weight_decay = 1e-4
+  with pytest.raises(Exception, match='kp_decay'):
+    make_rule('kp', c)
+
+
+@pytest.mark.parametrize('sigmoid', [False, True])
+def test_wm_mirror_phase_reduces_every_weight_angle(sigmoid):
+  c = (config_lib.reference_sigmoid_mlp('digits', 'wm') if sigmoid else digits_config('wm'))
+  c.hidden = (256, 256)  # the digits default's widths (their initializers are compiled already)
+  c.wm_init_steps = 0
+  r, batch = make_rule('wm', c)
+  params, _ = r.init_params(KEYS[3], batch['image'])
+  before = metrics.weight_metrics(params['forward'], params['feedback'])
+  c.wm_init_steps = 200
+  r2, _ = make_rule('wm', c)
+  params2, _ = r2.init_params(KEYS[3], batch['image'])
+  chex.assert_trees_all_equal(params2['forward'], params['forward'])  # the same fixed W
+  after = metrics.weight_metrics(params2['forward'], params2['feedback'])
+  for k in before:
+    if k.startswith('weight_angle/'):
+      assert float(after[k]) < float(before[k]) - 1.0, (k, before[k], after[k])
+
+
+def test_wm_mirror_steps_are_deterministic_and_keyed_by_step():
+  r, batch = make_rule('wm', digits_config('wm', wm_init_steps=3))
+  s0 = r.init(KEYS[2], batch)
+  chex.assert_trees_all_equal(s0.params['feedback'], r.init(KEYS[2], batch).params['feedback'])
+  step = jax.jit(r.update)
+  a = step(s0, batch)[0]
+  chex.assert_trees_all_equal(a.params, step(s0, batch)[0].params)
+  b = step(a, batch)[0]
+  d1 = jax.tree.map(lambda x, y: x - y, a.params['feedback'], s0.params['feedback'])
+  d2 = jax.tree.map(lambda x, y: x - y, b.params['feedback'], a.params['feedback'])
+  assert not np.allclose(d1['layer_1']['kernel'], d2['layer_1']['kernel'])  # fresh noise per step
+
+
+def test_wm_runs_on_conv_layers():
+  c = small_cnn_config('wm')
+  c.wm_init_steps = 2
+  r, batch = make_rule('wm', c, (8, 8, 1))
+  s = jax.jit(r.update)(r.init(KEYS[2], batch), batch)[0]
+  assert np.isfinite(float(jax.jit(r.analyze)(s, batch)['weight_angle/layer_1']))
+
+
+@pytest.mark.parametrize('scale', [1.0, 0.0])
+def test_sign_symmetry_b_is_sign_of_w_after_each_step(scale):
+  r, batch = make_rule('sign_symmetry', digits_config('sign_symmetry', sign_scale=scale))
+  s = r.init(KEYS[2], batch)
+  step = jax.jit(r.update)
+  for i in range(3):
+    if i:
+      s = step(s, batch)[0]
+    for _, w, b in metrics.feedback_pairs(s.params['forward'], s.params['feedback']):
+      s_w = jnp.sign(layers.feedback_transpose(w))
+      want = s_w * (scale or jnp.mean(jnp.abs(w)))
+      np.testing.assert_allclose(b, want, rtol=1e-6)
+
+
+def test_kp_and_cnn_analyze_under_jit():
+  r, batch = make_rule('kp', small_cnn_config('kp'), (8, 8, 1))
+  s = jax.jit(r.update)(r.init(KEYS[2], batch), batch)[0]
+  out = jax.jit(r.analyze)(s, batch)
+  assert set(out) == ({f'weight_angle/layer_{i}' for i in (1, 2, 3)}
+                      | {f'norm_ratio/layer_{i}' for i in (1, 2, 3)}
+                      | {f'delta_angle/layer_{i}' for i in (1, 2)})
+  assert all(v.shape == () for v in out.values())
+
+
+def test_angle_degrees():
+  a = jnp.array([[1.0, 0.0], [0.0, 0.0]])
+  np.testing.assert_allclose(metrics.angle_degrees(a, 2 * a), 0.0, atol=1e-3)
+  np.testing.assert_allclose(metrics.angle_degrees(a, -a), 180.0, atol=1e-3)
+  np.testing.assert_allclose(metrics.angle_degrees(a, jnp.array([0.0, 1.0, 0.0, 0.0])), 90.0)
+
+
+# -- whole runs on the digits default ---------------------------------------------------------------
+DIGITS_OVERRIDES = {'kp': {'kp_decay': 0.99}}  # KP: κ < 1 so Wᵀ − B shrinks within 200 steps
+
+
+@pytest.mark.parametrize('rule', ['fa', 'sign_symmetry', 'kp', 'wm'])
+def test_digits_run_learns(rule, tmp_path):
+  c = digits_config(rule, num_epochs=10, checkpoint_every_epochs=10, **DIGITS_OVERRIDES.get(rule, {}))
+  final = train_and_evaluate(c, str(tmp_path))
+  assert final['test_accuracy'] >= 0.85, final
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert any(k.startswith('weight_angle/') for k in records[0])
+  assert any(k.startswith('delta_angle/') for k in records[0])
+  if rule == 'kp':
+    assert min(r['weight_angle/layer_3'] for r in records if 'weight_angle/layer_3' in r) < 20.0
