@@ -126,3 +126,11 @@ def test_bad_input_gives_one_line_error(flag, needle, tmp_path):
   assert 'Traceback' not in out.stderr + out.stdout
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_ccl_phased_gradient_equals_grad_of_the_summed_loss():
+  r, state, batch = tiny('ccl', hidden=(5, 4, 4))
+  grads, metrics, _ = r.loss_and_grads(state, batch, jax.random.PRNGKey(0))
+  want, want_metrics = jax.grad(r.losses, has_aux=True)(state.params, batch)
+  chex.assert_trees_all_close(grads, want, atol=1e-6)
+  chex.assert_trees_all_close(metrics, want_metrics, atol=1e-6)
