@@ -50,6 +50,7 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(forward=optimizer(), feedback=optimizer()))
   c.parallel = 'none'          # 'none', 'pmap' or 'shard_map'
   c.steps_per_call = 0         # training steps fused into one compiled call; 0 = one epoch
+  c.scan_unroll = 1            # lax.scan unroll of those steps; 0 = inline them all (conv nets on CPU)
   c.eval_batch_size = 1000
   c.checkpoint_every_epochs = 1
   c.checkpoint_every_steps = 0  # also save mid-epoch every N steps (0 = only at epoch ends)
@@ -149,6 +150,7 @@ def small_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
   c.activation = 'elu'
   c.batch_size = 128
   c.num_epochs = 2
+  c.steps_per_call, c.scan_unroll = 8, 0  # inlined steps: XLA:CPU convs are slow inside loops
   c.optimizer.forward = optimizer(lr=0.02, momentum=0.9, clip=1.0)
   c.optimizer.feedback = optimizer(lr=0.02, momentum=0.9, clip=1.0)  # unused by fa/sign/kp/wm
   return c

@@ -84,7 +84,7 @@ def bench_case(name: str, batch: int, steps: int, repeats: int, roof: float) -> 
   rule = rules.get(config, task)
   state = rule.init(jax.random.PRNGKey(0), {'image': images[:batch], 'label': labels[:batch]})
 
-  chunk = jax.jit(train.make_chunk(rule.update), donate_argnums=0)
+  chunk = jax.jit(train.make_chunk(rule.update, config.scan_unroll), donate_argnums=0)
   idx = jnp.asarray(train.epoch_indices(jax.random.PRNGKey(1), 0, n, batch, True)[:steps])
   t0 = time.perf_counter()
   compiled = chunk.lower(state, images, labels, idx).compile()
