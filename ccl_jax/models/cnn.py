@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 
 from ccl_jax import layers
-from ccl_jax.models.mlp import ACTIVATIONS, kernel_init, sg_if
+from ccl_jax.models.mlp import ACTIVATIONS, dense_layer, kernel_init, sg_if
 
 
 class CNN(nn.Module):
@@ -38,12 +38,8 @@ class CNN(nn.Module):
     return lambda h: act(layer(h))
 
   def dense(self, features: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
-    init = kernel_init(self.weight_init)
-    if self.feedback:
-      return layers.FeedbackDense(features=features, activation=act, use_bias=self.use_bias,
-                                  kernel_init=init, name=name)
-    layer = nn.Dense(features, use_bias=self.use_bias, kernel_init=init, name=name)
-    return lambda h: act(layer(h))
+    return dense_layer(features, act, name, weight_init=self.weight_init, use_bias=self.use_bias,
+                       feedback=self.feedback)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:

@@ -29,6 +29,18 @@ def sg_if(x: jax.Array, cut: bool) -> jax.Array:
   return jax.lax.stop_gradient(x) if cut else x
 
 
+def dense_layer(features: int, act: Callable, name: str, *, weight_init: str, use_bias: bool,
+                feedback: bool) -> Callable[[jax.Array], jax.Array]:
+  """φ(Dense(h)) — a `layers.FeedbackDense` (error through B) when `feedback`. Call it inside a
+  module's compact method: the layer binds to that module."""
+  init = kernel_init(weight_init)
+  if feedback:
+    return layers.FeedbackDense(features=features, activation=act, use_bias=use_bias,
+                                kernel_init=init, name=name)
+  layer = nn.Dense(features, use_bias=use_bias, kernel_init=init, name=name)
+  return lambda h: act(layer(h))
+
+
 class MLP(nn.Module):
   """x → [Dense → φ] × len(hidden) → Dense → output φ. No biases unless `use_bias`.
 
@@ -47,12 +59,8 @@ class MLP(nn.Module):
   use_bias: bool = False
 
   def dense(self, width: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
-    init = kernel_init(self.weight_init)
-    if self.feedback:
-      return layers.FeedbackDense(features=width, activation=act, use_bias=self.use_bias,
-                                  kernel_init=init, name=name)
-    layer = nn.Dense(width, use_bias=self.use_bias, kernel_init=init, name=name)
-    return lambda h: act(layer(h))
+    return dense_layer(width, act, name, weight_init=self.weight_init, use_bias=self.use_bias,
+                       feedback=self.feedback)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
