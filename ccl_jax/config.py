@@ -50,6 +50,7 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(forward=optimizer(), feedback=optimizer()))
   c.parallel = 'none'          # 'none', 'pmap' or 'shard_map'
   c.steps_per_call = 0         # training steps fused into one compiled call; 0 = one epoch
+  c.compute_dtype = 'float32'  # 'bfloat16': bf16 matmuls with float32 parameters (accelerators)
   c.scan_unroll = 1            # lax.scan unroll of those steps; 0 = inline them all (conv nets on CPU)
   c.eval_batch_size = 1000
   c.checkpoint_every_epochs = 1
@@ -87,6 +88,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.optimizer.{tree}.schedule='{opt.schedule}' must be 'constant' or 'cosine'")
   if c.get('normalize', 'mean_std') not in ('mean_std', 'unit'):
     raise UserError(f"config.normalize='{c.normalize}' must be 'mean_std' or 'unit'")
+  if c.get('compute_dtype', 'float32') not in ('float32', 'bfloat16'):
+    raise UserError(f"config.compute_dtype='{c.compute_dtype}' must be 'float32' or 'bfloat16'")
   if not 0.0 <= c.val_fraction < 1.0:
     raise UserError(f'config.val_fraction={c.val_fraction} must be in [0, 1)')
 

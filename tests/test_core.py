@@ -134,3 +134,15 @@ def test_ccl_phased_gradient_equals_grad_of_the_summed_loss():
   want, want_metrics = jax.grad(r.losses, has_aux=True)(state.params, batch)
   chex.assert_trees_all_close(grads, want, atol=1e-6)
   chex.assert_trees_all_close(metrics, want_metrics, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_learns(tmp_path):
+  config = load_config('default', compute_dtype='bfloat16', num_epochs=10, progress=False)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final['test_accuracy'] >= 0.90, final
+  r, state, batch = tiny('ccl')
+  r16 = rules.get(load_config('default', rule='ccl', hidden=(5, 4), compute_dtype='bfloat16'), r.task)
+  out, hiddens = r16.model.apply({'params': state.params['forward']}, batch['image'])
+  assert out.dtype == jnp.float32 and hiddens[0].dtype == jnp.bfloat16
+  grads, _, _ = r16.loss_and_grads(state, batch, jax.random.PRNGKey(0))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from ccl_jax import layers
 from ccl_jax.models.mlp import ACTIVATIONS, dense_layer, kernel_init, sg_if
@@ -27,6 +28,7 @@ class CNN(nn.Module):
   local: bool = False
   feedback: bool = False
   use_bias: bool = False
+  dtype: Any = None  # computation dtype (e.g. bfloat16); parameters stay float32
 
   def conv(self, features: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
     init = kernel_init(self.weight_init)
@@ -34,12 +36,13 @@ class CNN(nn.Module):
       return layers.FeedbackConv(features=features, kernel_size=(3, 3), padding='SAME',
                                  activation=act, use_bias=self.use_bias, kernel_init=init, name=name)
     layer = nn.Conv(features, (3, 3), padding='SAME', use_bias=self.use_bias, kernel_init=init,
+                    dtype=self.dtype,
                     name=name)
     return lambda h: act(layer(h))
 
   def dense(self, features: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
     return dense_layer(features, act, name, weight_init=self.weight_init, use_bias=self.use_bias,
-                       feedback=self.feedback)
+                       feedback=self.feedback, dtype=self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -53,4 +56,4 @@ class CNN(nn.Module):
     h = h.reshape(h.shape[0], -1)
     out = self.dense(self.num_classes, ACTIVATIONS[self.output_activation],
                      f'layer_{len(self.channels) + 1}')(sg_if(h, self.local))
-    return out, hiddens
+    return out.astype(jnp.float32), hiddens

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,14 +30,14 @@ def sg_if(x: jax.Array, cut: bool) -> jax.Array:
 
 
 def dense_layer(features: int, act: Callable, name: str, *, weight_init: str, use_bias: bool,
-                feedback: bool) -> Callable[[jax.Array], jax.Array]:
+                feedback: bool, dtype: Any = None) -> Callable[[jax.Array], jax.Array]:
   """φ(Dense(h)) — a `layers.FeedbackDense` (error through B) when `feedback`. Call it inside a
   module's compact method: the layer binds to that module."""
   init = kernel_init(weight_init)
   if feedback:
     return layers.FeedbackDense(features=features, activation=act, use_bias=use_bias,
                                 kernel_init=init, name=name)
-  layer = nn.Dense(features, use_bias=use_bias, kernel_init=init, name=name)
+  layer = nn.Dense(features, use_bias=use_bias, kernel_init=init, dtype=dtype, name=name)
   return lambda h: act(layer(h))
 
 
@@ -47,7 +47,7 @@ class MLP(nn.Module):
   `local=True` cuts every layer's input with stop_gradient (CCL); the call returns the outputs and
   the list of hidden activations h_1..h_{L-1}. `feedback=True` builds every layer as a
   `layers.FeedbackDense` (FA, sign symmetry, KP, WM): the error reaches each layer's input through
-  the layer's B (collection 'feedback') instead of Wᵀ.
+  the layer's B (collection 'feedback', W's layout) instead of W.
   """
   hidden: Sequence[int]
   num_classes: int
@@ -57,10 +57,11 @@ class MLP(nn.Module):
   local: bool = False
   feedback: bool = False
   use_bias: bool = False
+  dtype: Any = None  # computation dtype (e.g. bfloat16); parameters stay float32
 
   def dense(self, width: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
     return dense_layer(width, act, name, weight_init=self.weight_init, use_bias=self.use_bias,
-                       feedback=self.feedback)
+                       feedback=self.feedback, dtype=self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -72,7 +73,7 @@ class MLP(nn.Module):
       hiddens.append(h)
     out = self.dense(self.num_classes, ACTIVATIONS[self.output_activation],
                      f'layer_{len(self.hidden) + 1}')(sg_if(h, self.local))
-    return out, hiddens
+    return out.astype(jnp.float32), hiddens
 
 
 class FeedbackMLP(nn.Module):
@@ -85,6 +86,7 @@ class FeedbackMLP(nn.Module):
   input_dim: int
   activation: str = 'elu'
   weight_init: str = 'torch'
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, targets: jax.Array) -> list[jax.Array]:
@@ -95,7 +97,7 @@ class FeedbackMLP(nn.Module):
     for l in reversed(range(len(widths))):
       # V_{l+1}: width[l+1] (or K) -> width[l]
       g = nn.Dense(widths[l], use_bias=False, kernel_init=kernel_init(self.weight_init),
-                   name=f'layer_{l + 1}')(jax.lax.stop_gradient(g))
+                   dtype=self.dtype, name=f'layer_{l + 1}')(jax.lax.stop_gradient(g))
       g = g if l == 0 else act(g)
       out[l] = g
     return out

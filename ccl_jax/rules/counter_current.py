@@ -17,7 +17,7 @@ from ccl_jax.rules import base
 def prototype_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, scale: float) -> jax.Array:
   """(256·c/d) · mean((h gᵀ − Y)²): forward activations h (B×d) against class prototypes g (K×d)."""
   d = h.shape[-1]
-  return (256.0 * scale / d) * jnp.mean((h @ g.T - onehot) ** 2)
+  return (256.0 * scale / d) * jnp.mean(((h @ g.T).astype(jnp.float32) - onehot) ** 2)
 
 
 class CounterCurrent(base.Rule):
