@@ -63,6 +63,7 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        self._check_config(step, meta, config_json)
         self._check_shapes(step, template_dict, meta, config_json)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             tree=ocp.args.StandardRestore(template_dict)))['tree']
@@ -78,8 +79,9 @@ class Checkpointer:
         continue
       return tree, meta
     if steps:
-      raise UserError(f'no readable checkpoint in {self.directory} (steps {steps}); '
-                      'move it aside or choose another --workdir')
+      raise UserError(f'no readable checkpoint in {self.directory} (steps {steps} were moved to '
+                      'corrupt_checkpoints/); start over with --config.force_retrain=True or '
+                      'choose another --workdir')
     return None
 
   def _set_aside(self, step: int) -> str:
@@ -94,6 +96,15 @@ class Checkpointer:
       return dst
     return src
 
+  def _check_config(self, step, meta, config_json) -> None:
+    """Refuses to resume a run written by a different experiment (rule, lr, seed, ...)."""
+    diff = changed_keys(meta.get('config', config_json), config_json)
+    if diff:
+      raise UserError(f'checkpoint in {self.directory} (step {step}) does not fit this config '
+                      f'(changed keys: {", ".join(diff)}); use the saved config '
+                      f'({os.path.dirname(self.directory)}/config.json), another --workdir, '
+                      'or --config.force_retrain=True')
+
   def _check_shapes(self, step, template_dict, meta, config_json) -> None:
     saved = self.manager.item_metadata(step)
     saved_tree = saved['tree'] if saved is not None and 'tree' in saved else None
@@ -104,10 +115,7 @@ class Checkpointer:
     bad = sorted(k for k in want if k in got and got[k] != want[k])
     missing = sorted(set(want) ^ set(got))
     if bad or missing:
-      old = meta.get('config', {})
-      diff = sorted(k for k in set(old) | set(config_json)
-                    if k not in ('workdir', 'num_epochs', 'data_dir', 'progress', 'parallel',
-                                 'force_retrain') and old.get(k) != config_json.get(k))
+      diff = changed_keys(meta.get('config', {}), config_json)
       what = f'{bad[0]} saved {got[bad[0]]} vs now {want[bad[0]]}' if bad else f'tree differs at {missing[0]}'
       raise UserError(f'checkpoint in {self.directory} (step {step}) does not fit this config '
                       f'({what}; changed keys: {", ".join(diff) or "none"}); '
@@ -118,6 +126,30 @@ def _shapes_meta(tree) -> dict[str, Any]:
   flat = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, 'shape') and not isinstance(x, dict))[0]
   return {jax.tree_util.keystr(k): v for k, v in flat}
+
+
+# Keys that steer how a run executes, not what it computes: they may change between resumes.
+RUN_CONTROL_KEYS = frozenset({
+    'num_epochs', 'data_dir', 'cache_dir', 'progress', 'parallel', 'force_retrain',
+    'checkpoint_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints', 'steps_per_call',
+    'scan_unroll', 'eval_batch_size', 'analysis_batch_size'})
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def changed_keys(saved: dict, now: dict) -> list[str]:
+  """Dotted config keys whose values differ, ignoring run-control keys."""
+  a, b = _flat(saved), _flat(now)
+  return sorted(k for k in set(a) | set(b)
+                if k.split('.')[0] not in RUN_CONTROL_KEYS and a.get(k) != b.get(k))
 
 
 def config_to_json(config) -> dict:

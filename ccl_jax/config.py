@@ -62,23 +62,45 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-RULE_LR_KEYS = ('forward', 'feedback')
 PARALLEL = ('none', 'pmap', 'shard_map')
+
+
+def _choice(c, key: str, options) -> None:
+  if c[key] not in options:
+    raise UserError(f"config.{key}='{c[key]}' is not one of {', '.join(map(str, options))}")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first bad value."""
   from ccl_jax import data, rules  # late import: avoid cycles
+  from ccl_jax.models import build, mlp
+  from ccl_jax.rules.base import LOSSES, TREES
   if c.rule not in rules.names():
     raise UserError(f"unknown rule '{c.rule}'; choose one of {', '.join(rules.names())}")
   if c.dataset not in data.DATASETS:
     raise UserError(f"unknown dataset '{c.dataset}'; choose one of {', '.join(data.DATASETS)}")
-  if c.parallel not in PARALLEL:
-    raise UserError(f"unknown parallel mode '{c.parallel}'; choose one of {', '.join(PARALLEL)}")
-  for key in ('batch_size', 'num_epochs', 'eval_batch_size'):
+  _choice(c, 'model', build.MODELS)
+  _choice(c, 'parallel', PARALLEL)
+  _choice(c, 'activation', tuple(mlp.ACTIVATIONS))
+  _choice(c, 'output_activation', tuple(mlp.ACTIVATIONS))
+  _choice(c, 'init', mlp.INITS)
+  _choice(c, 'loss', LOSSES)
+  _choice(c, 'normalize', ('mean_std', 'unit'))
+  _choice(c, 'compute_dtype', ('float32', 'bfloat16'))
+  if c.compute_dtype != 'float32' and c.rule not in ('bp', 'ccl'):
+    raise UserError(f"config.compute_dtype='{c.compute_dtype}' is supported by rules bp and ccl "
+                    f"only, not '{c.rule}' (its feedback layers compute in float32)")
+  for key in ('batch_size', 'num_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
+              'keep_checkpoints', 'analysis_batch_size'):
     if int(c[key]) <= 0:
       raise UserError(f'config.{key}={c[key]} must be positive')
-  for tree in RULE_LR_KEYS:
+  for key in ('train_subset', 'steps_per_call', 'scan_unroll', 'checkpoint_every_steps'):
+    if int(c[key]) < 0:
+      raise UserError(f'config.{key}={c[key]} must be >= 0')
+  for key, widths in (('hidden', c.hidden), ('channels', c.channels)):
+    if not widths or any(int(w) <= 0 for w in widths):
+      raise UserError(f'config.{key}={tuple(widths)} must be a non-empty list of positive widths')
+  for tree in TREES:
     opt = c.optimizer[tree]
     if not opt.lr > 0:
       raise UserError(f'config.optimizer.{tree}.lr={opt.lr} must be positive')
@@ -86,10 +108,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.optimizer.{tree}.name='{opt.name}' must be 'sgd' or 'adam'")
     if opt.schedule not in ('constant', 'cosine'):
       raise UserError(f"config.optimizer.{tree}.schedule='{opt.schedule}' must be 'constant' or 'cosine'")
-  if c.get('normalize', 'mean_std') not in ('mean_std', 'unit'):
-    raise UserError(f"config.normalize='{c.normalize}' must be 'mean_std' or 'unit'")
-  if c.get('compute_dtype', 'float32') not in ('float32', 'bfloat16'):
-    raise UserError(f"config.compute_dtype='{c.compute_dtype}' must be 'float32' or 'bfloat16'")
   if not 0.0 <= c.val_fraction < 1.0:
     raise UserError(f'config.val_fraction={c.val_fraction} must be in [0, 1)')
 

@@ -29,9 +29,11 @@ def plot_run(workdir: str, title: str = '') -> str:
   angle_keys = sorted({k for r in records for k in r if k.startswith(('weight_angle/', 'delta_angle/'))})
   panels = 3 if angle_keys else 2
   fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
-  for key in ('train_loss', 'val_loss', 'test_loss'):
+  # Rules with local losses log their total as train_loss; compare the task loss with val/test.
+  train_key = 'train_task_loss' if any('train_task_loss' in r for r in records) else 'train_loss'
+  for key in (train_key, 'val_loss', 'test_loss'):
     axes[0].plot(epochs, [r.get(key) for r in records], label=key)
-  axes[0].set(xlabel='epoch', ylabel='loss', yscale='log')
+  axes[0].set(xlabel='epoch', ylabel='task loss', yscale='log')
   for key in ('train_accuracy', 'val_accuracy', 'test_accuracy'):
     if any(key in r for r in records):
       axes[1].plot(epochs, [r.get(key) for r in records], label=key)

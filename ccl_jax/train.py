@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -104,7 +105,9 @@ class MetricsLog:
         f.writelines(json.dumps(r) + '\n' for r in keep)
 
   def add(self, record: dict) -> None:
-    if self.write:
+    if self.write:  # NaN/inf (e.g. no validation split) are written as null: valid JSON
+      record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in record.items()}
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
@@ -126,10 +129,12 @@ def _first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
 
 
 def summary_line(rec: dict) -> str:
-  return (f"final: test_accuracy={rec['test_accuracy']:.4f} (parameters of epoch "
-          f"{rec['best_epoch']}, val_loss={rec['best_val_loss']:.4f}); "
-          f"{rec['epoch']} epochs, {rec['step']} steps, "
-          f"{rec.get('samples_per_second', float('nan')):.0f} samples/s")
+  def num(key, fmt):
+    v = rec.get(key)
+    return 'n/a' if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+  return (f"final: test_accuracy={num('test_accuracy', '.4f')} (parameters of epoch "
+          f"{rec['best_epoch']}, val_loss={num('best_val_loss', '.4f')}); "
+          f"{rec['epoch']} epochs, {rec['step']} steps, {num('samples_per_second', '.0f')} samples/s")
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -146,12 +151,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log = MetricsLog(workdir, is_main)
   cfg_json = config_to_json(config)
 
-  if config.force_retrain and os.path.exists(os.path.join(workdir, 'checkpoints')) and is_main:
+  previous = [n for n in ('checkpoints', 'metrics.jsonl', 'config.json', 'plots')
+              if os.path.exists(os.path.join(workdir, n))]
+  if config.force_retrain and previous and is_main:
     aside = os.path.join(workdir, f'previous-{time.strftime("%Y%m%d-%H%M%S")}')
     os.makedirs(aside)
-    for name in ('checkpoints', 'metrics.jsonl', 'config.json', 'plots'):
-      if os.path.exists(os.path.join(workdir, name)):
-        shutil.move(os.path.join(workdir, name), aside)
+    for name in previous:
+      shutil.move(os.path.join(workdir, name), aside)
     print(f'force_retrain: moved the previous run to {aside}')
 
   data = data_lib.load(config)
@@ -171,7 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   ckpt = Checkpointer(workdir, config.keep_checkpoints)  # every process joins; Orbax coordinates
   restored = ckpt.restore({'state': state, 'best': best}, cfg_json)
-  if restored is not None:
+  if restored is None:
+    log.truncate_after(0)  # records of a run killed before its first checkpoint
+  else:
     tree, meta = restored
     state, best = tree['state'], tree['best']
     final = [r for r in log.records() if r.get('final')]
@@ -208,8 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     offset = step - epoch * steps_per_epoch
     bar = _progress(config, epoch, steps_per_epoch, offset)
     train_time, losses = 0.0, []
-    partial = meta.pop('partial_epoch', None)  # a mid-epoch checkpoint's running loss sum
-    loss_sum, loss_count = (partial['loss_sum'], partial['count']) if partial else (0.0, 0)
+    # Running sums of every per-step training metric (restored from a mid-epoch checkpoint).
+    partial = meta.pop('partial_epoch', None) or {'sums': {}, 'count': 0}
+    sums, count = dict(partial['sums']), partial['count']
     while offset < steps_per_epoch:
       n = min(per_call, steps_per_epoch - offset)
       chunk_idx = para.split_idx(idx[offset:offset + n])
@@ -229,15 +238,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f'first in {bad[1]}; last good checkpoint kept in {ckpt.directory} '
                         f'(steps {ckpt.steps() or "none"}); lower the learning rate')
       losses.append(np.asarray(metrics['loss']))
-      loss_sum += float(np.sum(losses[-1], dtype=np.float64))
-      loss_count += n
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
+      count += n
       step += n
       offset += n
       if (config.checkpoint_every_steps and offset < steps_per_epoch
           and step - last_saved >= config.checkpoint_every_steps):
         ckpt.save(step, {'state': para.get_state(state), 'best': best},
                   {**meta, 'config': cfg_json,
-                   'partial_epoch': {'loss_sum': loss_sum, 'count': loss_count}})
+                   'partial_epoch': {'sums': sums, 'count': count}})
         last_saved = step
       if bar is not None:
         bar.update(n)
@@ -252,13 +262,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     val = evaluate_split(evaluate, host_state.params, host_state.extra, data.val, config.eval_batch_size)
     test = evaluate_split(evaluate, host_state.params, host_state.extra, data.test, config.eval_batch_size)
     record = {'step': step, 'epoch': epoch + 1,
-              'train_loss': loss_sum / max(loss_count, 1),
+              'train_loss': sums['loss'] / count,
               'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
               'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
               'samples_per_second': sps, 'epoch_train_seconds': train_time}
-    for k, v in metrics.items():
-      if k != 'loss':
-        record[f'train_{k}'] = float(np.mean(v))
+    record.update({f'train_{k}': v / count for k, v in sums.items() if k != 'loss'})
     record.update({k: _scalar(v) for k, v in analyze(host_state, analysis_batch).items()})
     if not len(data.val) or val['loss'] < meta['best_val_loss']:
       best = jax.device_get({'params': host_state.params, 'extra': host_state.extra})

@@ -1,5 +1,6 @@
 """Core: CCL locality and loss value, BP gradients, learning on digits and MNIST, CLI errors."""
 
+import json
 import subprocess
 import sys
 
@@ -98,6 +99,11 @@ def test_default_config_learns_digits(rule, tmp_path):
   final = train.train_and_evaluate(load_config('default', rule=rule, progress=False), str(tmp_path))
   assert final['test_accuracy'] >= 0.90, final
   assert (tmp_path / 'plots' / 'curves.png').stat().st_size > 10_000  # the run's curves, drawn
+  # The reported parameters are those of the epoch with the lowest validation loss.
+  epochs = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()][:-1]
+  best = min(epochs, key=lambda r: r['val_loss'])
+  assert (final['best_epoch'], final['best_val_loss']) == (best['epoch'], best['val_loss'])
+  assert final['test_accuracy'] == best['test_accuracy']
 
 
 @pytest.mark.parametrize('rule,floor', [('bp', 0.92), ('ccl', 0.85)])
@@ -119,6 +125,11 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     ('--config.optimizer.feedback.lr=-0.5', 'optimizer.feedback.lr=-0.5'),
     ('--config.dataset=mnist --config.data_dir=/no/such/dir', '/no/such/dir'),
     ('--config=configs/no_such_config.py', 'no_such_config.py'),
+    ('--config.init=he', "init='he'"),
+    ('--config.activation=gelu', "activation='gelu'"),
+    ('--config.loss=mse', "loss='mse'"),
+    ('--config.checkpoint_every_epochs=0', 'checkpoint_every_epochs=0'),
+    ('--config.steps_per_call=-1', 'steps_per_call=-1'),
 ])
 def test_bad_input_gives_one_line_error(flag, needle, tmp_path):
   out = run_main(f'--workdir={tmp_path}', *flag.split())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from ccl_jax.state import TrainState
 Metrics = dict[str, jax.Array]
 Batch = dict[str, jax.Array]   # {'image': (B, H, W, C) float32, 'label': (B,) int32}
 TREES = ('forward', 'feedback')
+LOSSES = ('ce', 'bce')
 
 
 @dataclasses.dataclass(frozen=True)
