@@ -40,8 +40,8 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 2023
   c.loss_scale_c = 0.5         # CCL: weight of the layer-wise prototype losses
   # FA / sign symmetry / KP / WM (SPEC §2); the feedback optimizer is not used by these rules.
-  c.sign_scale = 0.0           # sign symmetry: B = sign(Wᵀ)·s; s = this, or mean|W| per layer if 0
-  c.kp_decay = 1.0             # KP: κ in W ← κW − η∇W, B ← κB − η∇Wᵀ (1 = no decay, as the reference)
+  c.sign_scale = 0.0           # sign symmetry: B = sign(W)·s; s = this, or mean|W| per layer if 0
+  c.kp_decay = 1.0             # KP: κ in W ← κW − η∇W, B ← κB − η∇W (1 = no decay, as the reference)
   c.wm_lr = 0.01               # WM: η_m in B += η_m · x yᵀ (summed over the mirror batch)
   c.wm_noise = 0.05            # WM: mirror input x ~ U(−a, a)
   c.wm_batch = 128             # WM: mirror batch size

@@ -1,11 +1,11 @@
 """Feedback-aware dense and conv layers: the error reaches the input through B, never through W.
 
 Convention. A forward kernel W has flax's layout — dense (in, out), conv (kh, kw, in, out) — and its
-feedback kernel B has W's layout with the last two axes swapped — dense (out, in), conv
-(kh, kw, out, in). `feedback_transpose(W)` (swap the last two axes) is therefore the B that gives
-exactly backprop: the backward pass to x is the vjp of the plain op with W replaced by
-`feedback_transpose(B)`, so with B = feedback_transpose(W) it is the very computation `jax.grad`
-does. W's cotangent is the usual one; B receives a zero cotangent (rules update B themselves).
+feedback kernel B has exactly W's layout and shape. B = W gives exactly backprop: the backward pass
+to x is the vjp of the plain op with W replaced by B, so with B = W it is the very computation
+`jax.grad` does (dense: dx = g Bᵀ where BP has g Wᵀ). Nothing is ever transposed, neither in the
+backward pass nor in the rules' updates of B. W's cotangent is the usual one; B receives a zero
+cotangent (rules update B themselves).
 
 `FeedbackDense` / `FeedbackConv` keep W (and an optional bias) in 'params' and B under the same
 name ('kernel') in the 'feedback' collection, so `params` and `feedback` trees line up by path.
@@ -27,11 +27,6 @@ Array = jax.Array
 Initializer = Callable[..., Array]
 
 
-def feedback_transpose(w: Array) -> Array:
-  """The feedback kernel that reproduces backprop for forward kernel `w` (and vice versa)."""
-  return jnp.swapaxes(w, -1, -2)
-
-
 def dense(x: Array, w: Array) -> Array:
   """Plain dense op: contracts x's last axis with w's first."""
   return jnp.dot(x, w)
@@ -46,7 +41,7 @@ def conv(x: Array, w: Array, strides: tuple[int, int] = (1, 1),
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def through_feedback(op: Callable[[Array, Array], Array], x: Array, w: Array, b: Array) -> Array:
-  """`op(x, w)` forward; backward: x's cotangent through `b`, w's as usual, b's zero."""
+  """`op(x, w)` forward; backward: x's cotangent as if `b` were `w`, w's as usual, b's zero."""
   return op(x, w)
 
 
@@ -57,7 +52,7 @@ def _fwd(op, x, w, b):
 def _bwd(op, res, g):
   x, w, b = res
   _, vjp_w = jax.vjp(lambda w_: op(x, w_), w)
-  _, vjp_x = jax.vjp(lambda x_: op(x_, feedback_transpose(b)), x)
+  _, vjp_x = jax.vjp(lambda x_: op(x_, b), x)
   return vjp_x(g)[0], vjp_w(g)[0], jnp.zeros_like(b)
 
 
@@ -65,13 +60,13 @@ through_feedback.defvjp(_fwd, _bwd)
 
 
 def feedback_dense(x: Array, w: Array, b: Array) -> Array:
-  """x @ w, with the error sent back to x as g @ b (b of shape (out, in))."""
+  """x @ w, with the error sent back to x as g @ bᵀ (b of w's shape (in, out))."""
   return through_feedback(dense, x, w, b)
 
 
 def feedback_conv(x: Array, w: Array, b: Array, strides: tuple[int, int] = (1, 1),
                   padding: str | tuple[tuple[int, int], ...] = 'SAME') -> Array:
-  """conv(x, w), with the error sent back to x as the transposed conv with kernel b (kh, kw, out, in)."""
+  """conv(x, w), with the error sent back to x as the transposed conv with kernel b (w's shape)."""
   return through_feedback(_conv_op(tuple(strides), _hashable(padding)), x, w, b)
 
 
@@ -88,25 +83,13 @@ def _identity(x: Array) -> Array:
   return x
 
 
-def swapped(shape: Sequence[int]) -> tuple[int, ...]:
-  """`shape` with its last two axes swapped (W's layout <-> B's layout)."""
-  return tuple(shape[:-2]) + (shape[-1], shape[-2])
-
-
-def transposed_init(init: Initializer) -> Initializer:
-  """B's initializer: draw in W's layout with W's initializer (same scale), then swap axes."""
-  def f(key, shape, dtype=jnp.float32):
-    return feedback_transpose(init(key, swapped(shape), dtype))
-  return f
-
-
 class _FeedbackLayer(nn.Module):
   """Shared body of the feedback-aware layers: W, optional bias, B, activation, preact probe."""
   activation: Callable[[Array], Array] = _identity
   use_bias: bool = False
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros
-  feedback_init: Initializer | None = None  # default: W's initializer, transposed
+  feedback_init: Initializer | None = None  # default: W's initializer (own key, same shape)
 
   def kernel_shape(self, x: Array) -> tuple[int, ...]:
     raise NotImplementedError
@@ -118,10 +101,9 @@ class _FeedbackLayer(nn.Module):
   def _variables(self, x: Array) -> tuple[Array, Array, Array | None]:
     shape = self.kernel_shape(x)
     w = self.param('kernel', self.kernel_init, shape)
-    b_init = self.feedback_init or transposed_init(self.kernel_init)
-    b_shape = swapped(shape)
+    b_init = self.feedback_init or self.kernel_init
     fb = self.variable('feedback', 'kernel',
-                       lambda: b_init(self.make_rng('params'), b_shape)).value
+                       lambda: b_init(self.make_rng('params'), shape)).value
     bias = self.param('bias', self.bias_init, (shape[-1],)) if self.use_bias else None
     return w, fb, bias
 
@@ -144,7 +126,7 @@ class _FeedbackLayer(nn.Module):
 
 
 class FeedbackDense(_FeedbackLayer):
-  """Dense layer whose backward pass to its input uses the 'feedback' kernel B (out, in)."""
+  """Dense layer whose backward pass to its input uses the 'feedback' kernel B (in, out), as W."""
   features: int = 1
 
   def kernel_shape(self, x):
@@ -155,7 +137,7 @@ class FeedbackDense(_FeedbackLayer):
 
 
 class FeedbackConv(_FeedbackLayer):
-  """2-D conv (NHWC) whose backward pass to its input uses the 'feedback' kernel B (kh, kw, out, in)."""
+  """2-D conv (NHWC) whose backward pass to its input uses the 'feedback' kernel B (kh, kw, in, out)."""
   features: int = 1
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)

@@ -12,7 +12,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ccl_jax.layers import feedback_transpose
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -58,17 +57,21 @@ def feedback_pairs(forward: PyTree, feedback: PyTree) -> list[tuple[str, jax.Arr
   return sorted(pairs, key=lambda t: _natural(t[0]))
 
 
-def transposed_forward(forward: PyTree, feedback: PyTree) -> PyTree:
-  """A feedback tree holding feedback_transpose(W) for every B: the feedback that gives exactly BP."""
+def backprop_feedback(forward: PyTree, feedback: PyTree) -> PyTree:
+  """A feedback tree holding W for every B (B has W's layout): the feedback that gives exactly BP."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: feedback_transpose(lookup(forward, names(path))), feedback)
+      lambda path, _: lookup(forward, names(path)), feedback)
 
 
 def weight_metrics(forward: PyTree, feedback: PyTree) -> dict[str, jax.Array]:
-  """weight_angle/<layer> = ∠(vec Wᵀ, vec B) in degrees; norm_ratio/<layer> = ‖B‖/‖W‖."""
+  """weight_angle/<layer> = ∠(vec W, vec B) in degrees; norm_ratio/<layer> = ‖B‖/‖W‖.
+
+  B has W's layout, so this is the angle between the feedback path and backprop's (∠(Wᵀ, Bᵀ) when
+  both are read as backward matrices: the same number).
+  """
   out = {}
   for name, w, b in feedback_pairs(forward, feedback):
-    out[f'weight_angle/{name}'] = angle_degrees(feedback_transpose(w), b)
+    out[f'weight_angle/{name}'] = angle_degrees(w, b)
     out[f'norm_ratio/{name}'] = jnp.linalg.norm(b.ravel()) / jnp.maximum(
         jnp.linalg.norm(w.ravel()), 1e-12)
   return out
@@ -77,7 +80,7 @@ def weight_metrics(forward: PyTree, feedback: PyTree) -> dict[str, jax.Array]:
 def delta_angles(model, forward: PyTree, feedback: PyTree, images: jax.Array,
                  loss_fn: Callable[[jax.Array], jax.Array]) -> dict[str, jax.Array]:
   """delta_angle/<layer> for every hidden layer: the angle between the error signal the rule's
-  backward pass (through B) delivers at the layer's pre-activation and the one backprop (B := Wᵀ)
+  backward pass (through B) delivers at the layer's pre-activation and the one backprop (B := W)
   delivers, both from the same forward pass and the same output error, over the whole batch.
 
   `model` is a flax module built from feedback-aware layers (they mark their pre-activations with
@@ -93,6 +96,6 @@ def delta_angles(model, forward: PyTree, feedback: PyTree, images: jax.Array,
       return loss_fn(out)
     return leaves_by_path(jax.grad(loss)(probes))
 
-  rule, bp = deltas(feedback), deltas(transposed_forward(forward, feedback))
+  rule, bp = deltas(feedback), deltas(backprop_feedback(forward, feedback))
   paths = sorted(rule, key=lambda p: _natural(layer_name(p)))[:-1]  # the output layer's are equal
   return {f'delta_angle/{layer_name(p)}': angle_degrees(rule[p], bp[p]) for p in paths}

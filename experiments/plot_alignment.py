@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = (('weight_angle/', 'weight angle ∠(Wᵀ, B)'), ('delta_angle/', 'delta angle ∠(δ_rule, δ_BP)'))
+PANELS = (('weight_angle/', 'weight angle ∠(W, B)'), ('delta_angle/', 'delta angle ∠(δ_rule, δ_BP)'))
 STYLES = ('-', '--', ':', '-.')
 
 

@@ -48,20 +48,20 @@ def small_cnn_config(rule: str):
 
 
 # -- layers -----------------------------------------------------------------------------------------
-def test_dense_with_transposed_feedback_is_backprop_exactly():
+def test_dense_with_b_equal_w_is_backprop_exactly():
   x, w = normal(0, (5, 7)), normal(1, (7, 3))
   plain = jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w) ** 2), (0, 1))(x, w)
-  fb = jax.grad(lambda x, w: jnp.sum(jnp.tanh(layers.feedback_dense(x, w, w.T)) ** 2), (0, 1))(x, w)
+  fb = jax.grad(lambda x, w: jnp.sum(jnp.tanh(layers.feedback_dense(x, w, w)) ** 2), (0, 1))(x, w)
   for a, b in zip(plain, fb):
     np.testing.assert_array_equal(a, b)
 
 
-def test_conv_with_transposed_feedback_is_backprop_exactly():
+def test_conv_with_b_equal_w_is_backprop_exactly():
   x, w = normal(0, (2, 6, 6, 3)), normal(1, (3, 3, 3, 4))
   def loss(op):
     return lambda x, w: jnp.sum(jnp.tanh(op(x, w)) ** 2)
   plain = jax.grad(loss(layers.conv), (0, 1))(x, w)
-  fb = jax.grad(loss(lambda x, w: layers.feedback_conv(x, w, layers.feedback_transpose(w))),
+  fb = jax.grad(loss(lambda x, w: layers.feedback_conv(x, w, w)),
                 (0, 1))(x, w)
   for a, b in zip(plain, fb):
     np.testing.assert_array_equal(a, b)
@@ -69,23 +69,22 @@ def test_conv_with_transposed_feedback_is_backprop_exactly():
 
 def test_dense_vjp_is_the_hand_written_b_product():
   x, w = normal(0, (5, 7)), normal(1, (7, 3))
-  b, g = normal(2, (3, 7)), normal(3, (5, 3))
+  b, g = normal(2, (7, 3)), normal(3, (5, 3))
   out, vjp = jax.vjp(layers.feedback_dense, x, w, b)
   dx, dw, db = vjp(g)
   chex.assert_trees_all_close(out, x @ w)
-  chex.assert_trees_all_close(dx, g @ b, rtol=1e-6)        # error goes through B, not W
+  chex.assert_trees_all_close(dx, g @ b.T, rtol=1e-6)      # error goes through B, not W
   chex.assert_trees_all_close(dw, x.T @ g, rtol=1e-6)      # W's gradient is BP's
   np.testing.assert_array_equal(db, jnp.zeros_like(b))
 
 
 def test_conv_vjp_is_the_adjoint_of_the_feedback_conv():
   x, w = normal(0, (2, 6, 6, 3)), normal(1, (3, 3, 3, 4))
-  b = normal(2, (3, 3, 4, 3))
+  b = normal(2, (3, 3, 3, 4))   # W's layout
   g, v = normal(3, (2, 6, 6, 4)), normal(4, (2, 6, 6, 3))
   dx, dw, db = jax.vjp(layers.feedback_conv, x, w, b)[1](g)
-  # dx is the adjoint of v ↦ conv(v, Bᵀ): <dx, v> = <g, conv(v, Bᵀ)>
-  chex.assert_trees_all_close(jnp.vdot(dx, v), jnp.vdot(g, layers.conv(v, layers.feedback_transpose(b))),
-                              rtol=1e-4)
+  # dx is the adjoint of v ↦ conv(v, B): <dx, v> = <g, conv(v, B)>
+  chex.assert_trees_all_close(jnp.vdot(dx, v), jnp.vdot(g, layers.conv(v, b)), rtol=1e-4)
   chex.assert_trees_all_close(dw, jax.grad(lambda w: jnp.vdot(g, layers.conv(x, w)))(w), rtol=1e-6)
   np.testing.assert_array_equal(db, jnp.zeros_like(b))
 
@@ -93,13 +92,13 @@ def test_conv_vjp_is_the_adjoint_of_the_feedback_conv():
 def test_modules_keep_b_in_the_feedback_collection():
   v = layers.FeedbackConv(features=4).init(KEYS[0], jnp.ones((1, 5, 5, 3)))
   assert v['params']['kernel'].shape == (3, 3, 3, 4)
-  assert v['feedback']['kernel'].shape == (3, 3, 4, 3)
+  assert v['feedback']['kernel'].shape == (3, 3, 3, 4)   # B has W's layout
   v = layers.FeedbackDense(features=4, use_bias=True).init(KEYS[0], jnp.ones((1, 3)))
-  assert v['params']['kernel'].shape == (3, 4) and v['feedback']['kernel'].shape == (4, 3)
+  assert v['params']['kernel'].shape == (3, 4) and v['feedback']['kernel'].shape == (3, 4)
 
 
 @pytest.mark.parametrize('model', ['mlp', 'cnn'])
-def test_feedback_net_with_transposed_b_matches_backprop(model):
+def test_feedback_net_with_b_equal_w_matches_backprop(model):
   config = {'mlp': digits_config, 'cnn': small_cnn_config}[model]
   shape = (8, 8, 1)
   fa, batch = make_rule('fa', config('fa'), shape)
@@ -107,7 +106,7 @@ def test_feedback_net_with_transposed_b_matches_backprop(model):
   state = fa.init(KEYS[5], batch)
   params = state.params
   aligned = {'forward': params['forward'],
-             'feedback': metrics.transposed_forward(params['forward'], params['feedback'])}
+             'feedback': metrics.backprop_feedback(params['forward'], params['feedback'])}
   g_fa = jax.jit(jax.grad(lambda f: fa.loss(f, aligned['feedback'], batch)[0]))(params['forward'])
   g_bp = jax.jit(jax.grad(lambda f: bp.loss({'forward': f}, batch)[0]))(params['forward'])
   chex.assert_trees_all_close(g_fa, g_bp, rtol=1e-5, atol=1e-7)
@@ -128,7 +127,7 @@ def test_fa_keeps_b_fixed_and_w_learns():
   # B has W's scale (same initializer), but is independent of it
   for name, w, b in metrics.feedback_pairs(s0.params['forward'], s0.params['feedback']):
     np.testing.assert_allclose(np.std(b), np.std(w), rtol=0.2)
-    assert 80 < float(metrics.angle_degrees(layers.feedback_transpose(w), b)) < 100
+    assert 80 < float(metrics.angle_degrees(w, b)) < 100
 
 
 # -- rule identities --------------------------------------------------------------------------------
@@ -144,8 +143,8 @@ def test_kp_difference_decays_as_kappa_to_the_n():
     s = step(s, batch)[0]
   for (_, w0, b0), (_, w, b) in zip(metrics.feedback_pairs(s0.params['forward'], s0.params['feedback']),
                                     metrics.feedback_pairs(s.params['forward'], s.params['feedback'])):
-    want = kappa ** n * (layers.feedback_transpose(w0) - b0)
-    np.testing.assert_allclose(layers.feedback_transpose(w) - b, want, atol=2e-6)
+    want = kappa ** n * (w0 - b0)
+    np.testing.assert_allclose(w - b, want, atol=2e-6)
     assert not np.allclose(w, w0)
 
 
@@ -204,7 +203,7 @@ def test_sign_symmetry_b_is_sign_of_w_after_each_step(scale):
     if i:
       s = step(s, batch)[0]
     for _, w, b in metrics.feedback_pairs(s.params['forward'], s.params['feedback']):
-      s_w = jnp.sign(layers.feedback_transpose(w))
+      s_w = jnp.sign(w)
       want = s_w * (scale or jnp.mean(jnp.abs(w)))
       np.testing.assert_allclose(b, want, rtol=1e-6)
 
@@ -227,7 +226,7 @@ def test_angle_degrees():
 
 
 # -- whole runs on the digits default ---------------------------------------------------------------
-DIGITS_OVERRIDES = {'kp': {'kp_decay': 0.99}}  # KP: κ < 1 so Wᵀ − B shrinks within 200 steps
+DIGITS_OVERRIDES = {'kp': {'kp_decay': 0.99}}  # KP: κ < 1 so W − B shrinks within 200 steps
 
 
 @pytest.mark.parametrize('rule', ['fa', 'sign_symmetry', 'kp', 'wm'])

@@ -2,7 +2,7 @@
 
 The forward net is built from `layers.FeedbackDense/FeedbackConv`: the task loss's gradient for W
 is exact, but the error reaches each layer's input through that layer's B (params['feedback'])
-instead of Wᵀ. Rules differ only in how B is set and moved, through three hooks:
+instead of W (B has W's layout; B = W is backprop). Rules differ only in how B is set and moved, through three hooks:
 `init_feedback` (before the first step), `step_weights` (applies the forward update; KP also moves
 B there) and `post_update` (after each step; sign symmetry, WM). B never goes through the
 feedback optimizer: its gradients are zeros and only the forward optimizer is applied.
@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 from ccl_jax import metrics as metrics_lib
-from ccl_jax.layers import feedback_transpose
 from ccl_jax.models import build
 from ccl_jax.rules import base
 from ccl_jax.state import TrainState
@@ -82,7 +81,7 @@ class FeedbackRule(base.Rule):
 
 
 class SignSymmetry(FeedbackRule):
-  """B = sign(Wᵀ)·s, recomputed from W before the first step and after every step.
+  """B = sign(W)·s (in W's layout), recomputed from W before the first step and after every step.
 
   s = config.sign_scale, or (when it is 0) the layer's mean |W|, so that B has W's scale.
   """
@@ -92,7 +91,7 @@ class SignSymmetry(FeedbackRule):
     def one(path, _):
       w = jax.lax.stop_gradient(metrics_lib.lookup(forward, metrics_lib.names(path)))
       scale = self.config.sign_scale or jnp.mean(jnp.abs(w))
-      return jnp.sign(feedback_transpose(w)) * scale
+      return jnp.sign(w) * scale
     return jax.tree_util.tree_map_with_path(one, feedback)
 
   def init_feedback(self, rng, forward, feedback):

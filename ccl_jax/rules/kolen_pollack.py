@@ -1,8 +1,9 @@
-"""Kolen-Pollack (SPEC §2): B receives exactly the transpose of W's update, and the same decay.
+"""Kolen-Pollack (SPEC §2): B receives exactly W's update, and the same decay.
 
-    W ← κ·W + u,   B ← κ·B + uᵀ,   u = the forward optimizer's update (−η∇W for plain SGD)
+    W ← κ·W + u,   B ← κ·B + u,   u = the forward optimizer's update (−η∇W for plain SGD)
 
-so Wᵀ − B shrinks as κ^t whatever the optimizer (momentum, clipping, schedules: B gets the same u).
+(B has W's layout, so u is added as is: nothing is transposed), and W − B shrinks as κ^t whatever
+the optimizer (momentum, clipping, schedules: B gets the same u).
 κ = config.kp_decay (1 = the reference code's default: no decay). Only kernels with a B decay;
 use kp_decay rather than optimizer.forward.weight_decay, which would decay W but not B.
 """
@@ -14,7 +15,6 @@ import optax
 
 from ccl_jax import metrics as metrics_lib
 from ccl_jax.errors import UserError
-from ccl_jax.layers import feedback_transpose
 from ccl_jax.rules.feedback_alignment import FeedbackRule
 
 
@@ -41,6 +41,5 @@ class KolenPollack(FeedbackRule):
     forward = optax.apply_updates(
         jax.tree_util.tree_map_with_path(decay, params['forward']), updates)
     feedback = jax.tree_util.tree_map_with_path(
-        lambda path, b: kappa * b + feedback_transpose(
-            metrics_lib.lookup(updates, metrics_lib.names(path))), feedback)
+        lambda path, b: kappa * b + metrics_lib.lookup(updates, metrics_lib.names(path)), feedback)
     return forward, feedback

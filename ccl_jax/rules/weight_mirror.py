@@ -1,13 +1,13 @@
-"""Weight mirror (SPEC §2): B learns Wᵀ from the layer's response to its own noise.
+"""Weight mirror (SPEC §2): B learns W from the layer's response to its own noise.
 
 After every learning step, each feedback layer is driven by zero-mean noise x ~ U(−a, a)
 (config.wm_batch rows, shaped like the layer's input) and its response y = φ(W x + b) is read
 (φ: the activation the layer applies). Then, with an optional decay λ,
 
-    B ← (1 − λ)·B + η_m · x yᵀ        (dense: B (out, in) += η_m Σ_n y_n x_nᵀ; conv: the same
-                                       correlation summed over positions)
+    B ← (1 − λ)·B + η_m · Σ_n x_n y_nᵀ   (in W's layout — dense: B (in, out); conv: the same
+                                          correlation summed over positions, (kh, kw, in, out))
 
-whose expectation is a positive multiple of Wᵀ (for φ near-linear around 0). Before training,
+whose expectation is a positive multiple of W (for φ near-linear around 0). Before training,
 config.wm_init_steps mirror steps (−1: one epoch's worth) run from the init key. Every noise key is
 derived from the state's key and step, so all devices draw the same noise and resume is exact.
 """
@@ -58,7 +58,7 @@ class WeightMirror(FeedbackRule):
       y = module.apply({'params': params}, x, method='response')
       _, vjp = jax.vjp(lambda w: module.op()(x, w), params['kernel'])  # Σ_n x_n y_nᵀ in W's layout
       b = metrics_lib.lookup(feedback, path + ('kernel',))
-      new[path + ('kernel',)] = (1.0 - c.wm_decay) * b + c.wm_lr * layers.feedback_transpose(vjp(y)[0])
+      new[path + ('kernel',)] = (1.0 - c.wm_decay) * b + c.wm_lr * vjp(y)[0]
     return jax.tree_util.tree_map_with_path(lambda p, b: new[metrics_lib.names(p)], feedback)
 
   def init_steps(self) -> int:
