@@ -146,7 +146,7 @@ def main(argv=None) -> None:
   p.add_argument('--configs', default='cifar10_mlp_bp,cifar10_mlp_ccl')
   p.add_argument('--batch_sizes', default='256')
   p.add_argument('--steps', type=int, default=20, help='steps per compiled call')
-  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--repeats', type=int, default=10)
   p.add_argument('--out', default='experiments/results/bench_cpu')
   args = p.parse_args(argv)
   roof = matmul_roof()
@@ -164,7 +164,9 @@ def main(argv=None) -> None:
   with open(args.out + '.md', 'w') as f:
     f.write(f'# Training speed on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs)\n\n'
             f'fp32 matmul roof measured in the same process: {roof / 1e9:.1f} GFLOP/s.\n'
-            f'Command: `python {" ".join([sys.argv[0]] + (argv or sys.argv[1:]))}`\n\n')
+            f'Command: `python {" ".join([sys.argv[0]] + (argv or sys.argv[1:]))}`\n'
+            'Step times are medians of repeated multi-step calls; on a shared 2-core VM they vary\n'
+            'by about ±10% from run to run, so compare rows of one run only.\n\n')
     f.write(markdown(rows) + '\n')
   print(markdown(rows))
 
