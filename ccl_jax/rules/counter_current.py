@@ -38,7 +38,11 @@ class CounterCurrent(base.Rule):
     return self.model.apply({'params': params['forward']}, images)[0]
 
   def losses(self, params, batch) -> tuple[jax.Array, dict]:
-    """Total loss = task loss + Σ_l layer loss; returns it with per-term metrics."""
+    """Total loss = task loss + Σ_l layer loss, with per-term metrics.
+
+    The plain statement of the objective: `jax.grad` of it is exactly what `loss_and_grads`
+    computes in phases (tests check both, and each term's locality, against it).
+    """
     x, y = batch['image'], batch['label']
     out, hiddens = self.model.apply({'params': params['forward']}, x)
     prototypes = self.feedback.apply({'params': params['feedback']},
