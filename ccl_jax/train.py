@@ -215,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     idx = epoch_indices(data_rng, epoch, len(data.train), config.batch_size, config.shuffle)
     offset = step - epoch * steps_per_epoch
     bar = _progress(config, epoch, steps_per_epoch, offset)
-    train_time, losses = 0.0, []
+    train_time, steps_run = 0.0, 0
     # Running sums of every per-step training metric (restored from a mid-epoch checkpoint).
     partial = meta.pop('partial_epoch', None) or {'sums': {}, 'count': 0}
     sums, count = dict(partial['sums']), partial['count']
@@ -237,10 +237,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise UserError(f'non-finite loss at step {at} (epoch {epoch + 1}, rule {config.rule}), '
                         f'first in {bad[1]}; last good checkpoint kept in {ckpt.directory} '
                         f'(steps {ckpt.steps() or "none"}); lower the learning rate')
-      losses.append(np.asarray(metrics['loss']))
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
       count += n
+      steps_run += n
       step += n
       offset += n
       if (config.checkpoint_every_steps and offset < steps_per_epoch
@@ -251,11 +251,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_saved = step
       if bar is not None:
         bar.update(n)
-        bar.set_postfix(loss=f'{float(np.mean(losses[-1])):.4f}',
+        bar.set_postfix(loss=f'{float(np.mean(metrics["loss"])):.4f}',
                         samples_s=f'{n * config.batch_size / max(elapsed, 1e-9):.0f}')
-    sps = sum(map(len, losses)) * config.batch_size / max(train_time, 1e-9)
+    sps = steps_run * config.batch_size / max(train_time, 1e-9)
     if bar is not None:
-      bar.set_postfix(loss=f'{float(np.mean(losses[-1])):.4f}', samples_s=f'{sps:.0f}')
       bar.close()
 
     host_state = para.get_state(state)
