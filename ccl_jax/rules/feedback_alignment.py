@@ -5,7 +5,7 @@ is exact, but the error reaches each layer's input through that layer's B (param
 instead of W (B has W's layout; B = W is backprop). Rules differ only in how B is set and moved, through three hooks:
 `init_feedback` (before the first step), `step_weights` (applies the forward update; KP also moves
 B there) and `post_update` (after each step; sign symmetry, WM). B never goes through the
-feedback optimizer: its gradients are zeros and only the forward optimizer is applied.
+feedback optimizer: it has no gradient and only the forward optimizer is applied.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class FeedbackRule(base.Rule):
   def loss_and_grads(self, state, batch, rng):
     feedback = state.params['feedback']
     grad, metrics = jax.grad(self.loss, has_aux=True)(state.params['forward'], feedback, batch)
-    return {'forward': grad, 'feedback': jax.tree.map(jnp.zeros_like, feedback)}, metrics, state.extra
+    # B has no gradient: an empty tree, so no all-zero B-sized tensor is averaged across devices.
+    return {'forward': grad, 'feedback': {}}, metrics, state.extra
 
   def apply_gradients(self, state: TrainState, grads: dict, extra: dict) -> TrainState:
     """Only the forward optimizer runs; B moves by `step_weights` and `post_update`."""
