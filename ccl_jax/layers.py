@@ -151,3 +151,35 @@ class FeedbackConv(_FeedbackLayer):
 
 
 FEEDBACK_LAYERS = (FeedbackDense, FeedbackConv)
+
+
+@jax.custom_vjp
+def few_rows_dot(x: Array, w: Array) -> Array:
+  """x (K, in) @ w (in, out) for a handful of rows K (CCL's class prototypes).
+
+  Same value and gradient as `x @ w`, but w's cotangent Σ_k x_kᵀ g_k is formed as K broadcast
+  outer products summed in one fused loop instead of a K-deep matmul, which XLA:CPU runs poorly
+  (it is memory-bound: K ≪ in, out).
+  """
+  return x @ w
+
+
+def _few_rows_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _few_rows_bwd(res, g):
+  x, w = res
+  dw = jnp.sum(x[:, :, None] * g[:, None, :], axis=0).astype(w.dtype)
+  return (g @ w.T).astype(x.dtype), dw
+
+
+few_rows_dot.defvjp(_few_rows_fwd, _few_rows_bwd)
+
+
+def few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`jax.lax.dot_general` signature for flax's `nn.Dense(dot_general=...)` (plain 2-D dense only)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if lhs.ndim != 2 or tuple(lc) != (1,) or tuple(rc) != (0,) or lb or rb:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+  return few_rows_dot(lhs, rhs)

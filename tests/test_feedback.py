@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +77,23 @@ def test_dense_vjp_is_the_hand_written_b_product():
   chex.assert_trees_all_close(dx, g @ b.T, rtol=1e-6)      # error goes through B, not W
   chex.assert_trees_all_close(dw, x.T @ g, rtol=1e-6)      # W's gradient is BP's
   np.testing.assert_array_equal(db, jnp.zeros_like(b))
+
+
+def test_few_rows_dot_has_the_plain_dot_gradient():
+  """CCL's prototype layers form W's cotangent as K outer products: same value, same gradients."""
+  x, w, g = normal(0, (10, 48)), normal(1, (48, 96)), normal(2, (10, 96))
+  out, vjp = jax.vjp(layers.few_rows_dot, x, w)
+  dx, dw = vjp(g)
+  chex.assert_trees_all_close(out, x @ w)
+  chex.assert_trees_all_close(dw, x.T @ g, rtol=1e-5, atol=1e-5)  # Σ_k x_kᵀ g_k
+  chex.assert_trees_all_close(dx, g @ w.T, rtol=1e-5, atol=1e-5)
+
+  def loss(dot_general):  # through flax's Dense(dot_general=...), as FeedbackMLP uses it
+    dense = nn.Dense(96, use_bias=False, dot_general=dot_general)
+    return lambda p: jnp.sum(jnp.tanh(dense.apply({'params': p}, x)) * g)
+  params = {'kernel': w}
+  chex.assert_trees_all_close(jax.grad(loss(layers.few_rows_dot_general))(params),
+                              jax.grad(loss(jax.lax.dot_general))(params), rtol=1e-5, atol=1e-5)
 
 
 def test_conv_vjp_is_the_adjoint_of_the_feedback_conv():

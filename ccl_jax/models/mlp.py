@@ -98,7 +98,8 @@ class FeedbackMLP(nn.Module):
     for l in reversed(range(len(widths))):
       # V_{l+1}: width[l+1] (or K) -> width[l]
       g = nn.Dense(widths[l], use_bias=False, kernel_init=kernel_init(self.weight_init),
-                   dtype=self.dtype, name=f'layer_{l + 1}')(jax.lax.stop_gradient(g))
+                   dtype=self.dtype, dot_general=layers.few_rows_dot_general,
+                   name=f'layer_{l + 1}')(jax.lax.stop_gradient(g))
       g = g if l == 0 else act(g)
       out[l] = g
     return out
