@@ -81,7 +81,9 @@ class FeedbackMLP(nn.Module):
   """The forward MLP's mirror: K → hidden[::-1] → input dim, every input stop_gradient'd.
 
   Called on the K×K identity it returns the class prototypes [g_0, g_1, ..., g_{L-1}], g_l having
-  the width of forward layer l (g_0 lives in input space and has no activation).
+  the width of forward layer l (g_0 lives in input space and has no activation). Its dense layers
+  use `layers.few_rows_dot`: with K rows, a kernel's gradient is K outer products, cheaper summed
+  directly than as a K-deep matmul on CPU.
   """
   hidden: Sequence[int]
   input_dim: int
