@@ -20,18 +20,14 @@ def compute_dtype(config):
 
 def forward(config, task, local: bool, feedback: bool = False):
   """The forward net; `feedback=True` builds it from feedback-aware layers (FA, KP, WM, sign)."""
-  use_bias = bool(config.get('use_bias', False))
-  dtype = compute_dtype(config)
+  common = dict(num_classes=task.num_classes, activation=config.activation,
+                output_activation=config.output_activation, weight_init=config.init,
+                local=local, feedback=feedback, use_bias=bool(config.get('use_bias', False)),
+                dtype=compute_dtype(config))
   if config.model == 'mlp':
-    return mlp.MLP(hidden=tuple(config.hidden), num_classes=task.num_classes,
-                   activation=config.activation, output_activation=config.output_activation,
-                   weight_init=config.init, local=local, feedback=feedback, use_bias=use_bias,
-                   dtype=dtype)
+    return mlp.MLP(hidden=tuple(config.hidden), **common)
   if config.model == 'cnn':
-    return cnn.CNN(channels=tuple(config.channels), num_classes=task.num_classes,
-                   activation=config.activation, output_activation=config.output_activation,
-                   weight_init=config.init, local=local, feedback=feedback, use_bias=use_bias,
-                   dtype=dtype)
+    return cnn.CNN(channels=tuple(config.channels), **common)
   raise UserError(f"unknown model '{config.model}'; choose one of {', '.join(MODELS)}")
 
 

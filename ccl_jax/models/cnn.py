@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ccl_jax import layers
-from ccl_jax.models.mlp import ACTIVATIONS, dense_layer, kernel_init, sg_if
+from ccl_jax.models.mlp import ACTIVATIONS, Net, kernel_init, sg_if
 
 
-class CNN(nn.Module):
+class CNN(Net):
   """Conv blocks then a linear classifier; no biases unless `use_bias`.
 
   Pooling uses 'SAME' padding (ceil division), so 32×32 goes 32→16→8→4→2→1 exactly as in the
@@ -20,15 +20,7 @@ class CNN(nn.Module):
   convs and the classifier from `layers.FeedbackConv`/`FeedbackDense` (FA, sign symmetry, KP, WM);
   `local=True` stop_gradient's every block's input. Returns (outputs, post-pool block outputs).
   """
-  channels: Sequence[int]
-  num_classes: int
-  activation: str = 'elu'
-  output_activation: str = 'none'
-  weight_init: str = 'torch'
-  local: bool = False
-  feedback: bool = False
-  use_bias: bool = False
-  dtype: Any = None  # computation dtype (e.g. bfloat16); parameters stay float32
+  channels: Sequence[int] = (128, 128, 256, 256, 512)
 
   def conv(self, features: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
     init = kernel_init(self.weight_init)
@@ -39,10 +31,6 @@ class CNN(nn.Module):
                     dtype=self.dtype,
                     name=name)
     return lambda h: act(layer(h))
-
-  def dense(self, features: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
-    return dense_layer(features, act, name, weight_init=self.weight_init, use_bias=self.use_bias,
-                       feedback=self.feedback, dtype=self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:

@@ -42,15 +42,8 @@ def dense_layer(features: int, act: Callable, name: str, *, weight_init: str, us
   return lambda h: act(layer(h))
 
 
-class MLP(nn.Module):
-  """x → [Dense → φ] × len(hidden) → Dense → output φ. No biases unless `use_bias`.
-
-  `local=True` cuts every layer's input with stop_gradient (CCL); the call returns the outputs and
-  the list of hidden activations h_1..h_{L-1}. `feedback=True` builds every layer as a
-  `layers.FeedbackDense` (FA, sign symmetry, KP, WM): the error reaches each layer's input through
-  the layer's B (collection 'feedback', W's layout) instead of W.
-  """
-  hidden: Sequence[int]
+class Net(nn.Module):
+  """Fields and the dense layer shared by the forward nets (MLP here, CNN in `cnn.py`)."""
   num_classes: int
   activation: str = 'elu'
   output_activation: str = 'none'
@@ -63,6 +56,17 @@ class MLP(nn.Module):
   def dense(self, width: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
     return dense_layer(width, act, name, weight_init=self.weight_init, use_bias=self.use_bias,
                        feedback=self.feedback, dtype=self.dtype)
+
+
+class MLP(Net):
+  """x → [Dense → φ] × len(hidden) → Dense → output φ. No biases unless `use_bias`.
+
+  `local=True` cuts every layer's input with stop_gradient (CCL); the call returns the outputs and
+  the list of hidden activations h_1..h_{L-1}. `feedback=True` builds every layer as a
+  `layers.FeedbackDense` (FA, sign symmetry, KP, WM): the error reaches each layer's input through
+  the layer's B (collection 'feedback', W's layout) instead of W.
+  """
+  hidden: Sequence[int] = (256, 256)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
