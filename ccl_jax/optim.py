@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,3 +48,52 @@ def make(c, total_steps: int) -> optax.GradientTransformation:
   else:
     parts.append(optax.sgd(lr, momentum=c.momentum or None))
   return optax.chain(*parts)
+
+
+class LowRank(NamedTuple):
+  """A dense kernel's gradient kept as its factors: Σ_k a_kᵀ d_k = aᵀ d, a (K, in), d (K, out).
+
+  CCL's feedback kernels see K class prototypes per step, so their gradients have rank ≤ K.
+  Averaging over devices is exact on the factors when `a` is the same on every device.
+  """
+  a: jax.Array
+  d: jax.Array
+
+  def dense(self) -> jax.Array:
+    return jnp.einsum('ki,kj->ij', self.a, self.d, precision='highest').astype(jnp.float32)
+
+
+def is_low_rank(x) -> bool:
+  return isinstance(x, LowRank)
+
+
+def densify(grads):
+  """The same gradients with every `LowRank` leaf written out as its dense kernel."""
+  return jax.tree.map(lambda g: g.dense() if is_low_rank(g) else g, grads, is_leaf=is_low_rank)
+
+
+def plain_sgd(c) -> bool:
+  """Whether `make(c)` is SGD with at most clipping and a schedule: what `low_rank_sgd` computes."""
+  return (c.name == 'sgd' and not c.momentum and not c.weight_decay
+          and not c.get('grad_centralization', False))
+
+
+def low_rank_sgd(params, grads, lr: jax.Array, clip: float):
+  """params − lr · clip_by_global_norm(grads, clip), grads' kernels given as `LowRank` factors.
+
+  The same update as `make(c)` for a `plain_sgd` config, without ever writing a gradient to
+  memory: ‖aᵀd‖² = Σ (a aᵀ) ⊙ (d dᵀ) comes from K×K Gram matrices, and each kernel's update
+  is one fused pass over it (read W, write W) instead of gradient, norm and update passes.
+  """
+  leaves = jax.tree.leaves(grads, is_leaf=is_low_rank)
+  scale = lr
+  if clip and clip > 0:
+    sq = sum(jnp.sum(jnp.einsum('ki,li->kl', g.a, g.a, precision='highest')
+                     * jnp.einsum('ki,li->kl', g.d, g.d, precision='highest')) for g in leaves)
+    norm = jnp.sqrt(jnp.maximum(sq.astype(jnp.float32), 0.0))
+    scale = jnp.where(norm < clip, lr, lr * clip / norm)
+
+  def step(w, g):
+    a, d = g.a.astype(w.dtype), (g.d * scale).astype(w.dtype)
+    return w - jnp.sum(a[:, :, None] * d[:, None, :], axis=0)
+  return jax.tree.map(step, params, grads, is_leaf=is_low_rank)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from ccl_jax import rules, train
+from ccl_jax import optim, rules, train
 from ccl_jax.rules.base import Task
 
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -51,7 +51,7 @@ def test_ccl_each_loss_term_trains_only_its_own_pair():
     assert nonzero_leaves(grads[name]) == want, name
   # The rule's update uses the sum: it equals the sum of the per-term gradients, so changing one
   # term (here: dropping it) leaves every other layer's gradient unchanged.
-  total, _, _ = r.loss_and_grads(state, batch, jax.random.PRNGKey(0))
+  total = optim.densify(r.loss_and_grads(state, batch, jax.random.PRNGKey(0))[0])
   chex.assert_trees_all_close(total, jax.tree.map(lambda *g: sum(g), *grads.values()), atol=1e-6)
   without_1 = jax.tree.map(lambda a, b: a - b, total, grads['layer_loss/1'])
   for leaf in expect['layer_loss/2'] | expect['task_loss']:
@@ -143,8 +143,29 @@ def test_ccl_phased_gradient_equals_grad_of_the_summed_loss():
   r, state, batch = tiny('ccl', hidden=(5, 4, 4))
   grads, metrics, _ = r.loss_and_grads(state, batch, jax.random.PRNGKey(0))
   want, want_metrics = jax.grad(r.losses, has_aux=True)(state.params, batch)
-  chex.assert_trees_all_close(grads, want, atol=1e-6)
+  assert r.low_rank and all(isinstance(g['kernel'], optim.LowRank) for g in grads['feedback'].values())
+  chex.assert_trees_all_close(optim.densify(grads), want, atol=1e-6)
   chex.assert_trees_all_close(metrics, want_metrics, atol=1e-6)
+  r.low_rank = False   # the dense path: the feedback net's plain VJP
+  grads, metrics, _ = r.loss_and_grads(state, batch, jax.random.PRNGKey(0))
+  chex.assert_trees_all_close(grads, want, atol=1e-6)
+
+
+@pytest.mark.parametrize('clip', [1.0, 0.01])   # clipping off / on for the feedback tree
+def test_ccl_low_rank_feedback_steps_equal_the_optax_steps(clip):
+  r, state, batch = tiny('ccl', hidden=(5, 4, 4))
+  config = load_config('default', rule='ccl', hidden=(5, 4, 4))
+  config.optimizer.feedback.clip = clip
+  config.optimizer.feedback.schedule = 'cosine'   # the lr follows the step on both paths
+  low, dense = rules.get(config, r.task), rules.get(config, r.task)
+  dense.low_rank = False
+  a = b = state
+  for _ in range(3):
+    a, _ = jax.jit(low.update)(a, batch)
+    b, _ = jax.jit(dense.update)(b, batch)
+  chex.assert_trees_all_close(a.params, b.params, atol=1e-5)
+  assert not np.allclose(a.params['feedback']['layer_1']['kernel'],
+                         state.params['feedback']['layer_1']['kernel'])
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_learns(tmp_path):
@@ -156,4 +177,6 @@ def test_bfloat16_compute_keeps_float32_parameters_and_learns(tmp_path):
   out, hiddens = r16.model.apply({'params': state.params['forward']}, batch['image'])
   assert out.dtype == jnp.float32 and hiddens[0].dtype == jnp.bfloat16
   grads, _, _ = r16.loss_and_grads(state, batch, jax.random.PRNGKey(0))
-  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(optim.densify(grads)))
+  new, _ = r16.update(state, batch)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))

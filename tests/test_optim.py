@@ -1,8 +1,9 @@
-"""Optimizer construction: clip → weight decay → SGD order, per-tree clipping, schedules."""
+"""Optimizer construction: clip → weight decay → SGD order, per-tree clipping, schedules, low-rank SGD."""
 
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from ccl_jax import config as config_lib, optim
 
@@ -49,3 +50,35 @@ def test_momentum_and_adam_are_optax_sgd_and_adam():
       u, s = tx.update(g, s, p)
       v, r = ref.update(g, r, p)
       np.testing.assert_allclose(u['w'], v['w'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('clip,gain,clipped', [(0.0, 1.0, False), (1e3, 1.0, False),
+                                               (1.0, 1.0, True), (1.0, 0.01, False)])
+def test_low_rank_sgd_is_the_optax_step_on_the_dense_gradient(clip, gain, clipped):
+  rng = np.random.default_rng(0)
+  params = {'a': {'kernel': jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+            'b': {'kernel': jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)}}
+  grads = {'a': {'kernel': optim.LowRank(*(jnp.asarray(gain * rng.normal(size=s), jnp.float32)
+                                          for s in ((4, 6), (4, 5))))},
+           'b': {'kernel': optim.LowRank(*(jnp.asarray(gain * rng.normal(size=s), jnp.float32)
+                                          for s in ((4, 3), (4, 6))))}}
+  dense = optim.densify(grads)
+  np.testing.assert_allclose(dense['a']['kernel'], grads['a']['kernel'].a.T @ grads['a']['kernel'].d,
+                             rtol=1e-5, atol=1e-5)
+  c = config_lib.optimizer(lr=0.3, clip=clip)
+  assert optim.plain_sgd(c)
+  tx = optim.make(c, total_steps=10)
+  updates, _ = tx.update(dense, tx.init(params), params)
+  want = optax.apply_updates(params, updates)
+  got = optim.low_rank_sgd(params, grads, jnp.float32(0.3), clip)
+  norm = float(optax.tree.norm(dense))
+  assert bool(clip and norm > clip) == clipped   # the cases do cover both sides of the clip
+  for k in params:
+    np.testing.assert_allclose(got[k]['kernel'], want[k]['kernel'], rtol=1e-5, atol=1e-5)
+
+
+def test_only_plain_sgd_takes_the_low_rank_path():
+  assert optim.plain_sgd(config_lib.optimizer(clip=1.0))
+  assert not optim.plain_sgd(config_lib.optimizer(momentum=0.9))
+  assert not optim.plain_sgd(config_lib.optimizer(weight_decay=1e-4))
+  assert not optim.plain_sgd(config_lib.optimizer(name='adam'))

@@ -87,7 +87,8 @@ class FeedbackMLP(nn.Module):
   Called on the K×K identity it returns the class prototypes [g_0, g_1, ..., g_{L-1}], g_l having
   the width of forward layer l (g_0 lives in input space and has no activation). Its dense layers
   use `layers.few_rows_dot`: with K rows, a kernel's gradient is K outer products, cheaper summed
-  directly than as a K-deep matmul on CPU.
+  directly than as a K-deep matmul on CPU. Pre-activations are marked `perturb('preact_<l+1>')`
+  so the error arriving at each layer can be read (CCL's low-rank feedback gradients).
   """
   hidden: Sequence[int]
   input_dim: int
@@ -106,6 +107,7 @@ class FeedbackMLP(nn.Module):
       g = nn.Dense(widths[l], use_bias=False, kernel_init=kernel_init(self.weight_init),
                    dtype=self.dtype, dot_general=layers.few_rows_dot_general,
                    name=f'layer_{l + 1}')(jax.lax.stop_gradient(g))
+      g = self.perturb(f'preact_{l + 1}', g)  # a no-op unless a 'perturbations' collection is passed
       g = g if l == 0 else act(g)
       out[l] = g
     return out

@@ -82,9 +82,13 @@ class Rule:
   def apply_gradients(self, state: TrainState, grads: dict, extra: dict) -> TrainState:
     params, opt_state = {}, {}
     for t in TREES:
-      updates, opt_state[t] = self.tx[t].update(grads[t], state.opt_state[t], state.params[t])
-      params[t] = optax.apply_updates(state.params[t], updates)
+      params[t], opt_state[t] = self.apply_tree(t, state, grads[t])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+
+  def apply_tree(self, tree: str, state: TrainState, grads) -> tuple[dict, dict]:
+    """One tree's optimizer step: its new parameters and optimizer state."""
+    updates, opt_state = self.tx[tree].update(grads, state.opt_state[tree], state.params[tree])
+    return optax.apply_updates(state.params[tree], updates), opt_state
 
   def update(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One training step: the pure function every loop and every parallel wrapper calls."""

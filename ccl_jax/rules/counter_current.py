@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccl_jax import optim
 from ccl_jax.models import build
 from ccl_jax.rules import base
 
@@ -27,6 +28,9 @@ class CounterCurrent(base.Rule):
     super().__init__(config, task, axis_name)
     self.model = build.forward(config, task, local=True)
     self.feedback = build.feedback(config, task)
+    # With plain SGD on the feedback tree, its rank-K kernel gradients stay factored (optim.LowRank).
+    self.low_rank = optim.plain_sgd(config.optimizer.feedback)
+    self.feedback_lr = optim.schedule(config.optimizer.feedback, task.total_steps)
 
   def init_params(self, rng, images):
     f_rng, b_rng = jax.random.split(rng)
@@ -67,15 +71,24 @@ class CounterCurrent(base.Rule):
     So: (1) prototypes from the K×K identity, (2) the forward net's value and gradient, (3) the
     feedback net's gradient through its saved VJP. `optimization_barrier` keeps the phases apart:
     on CPU, letting XLA overlap the many independent local backward passes oversubscribes the cores
-    and costs ~10% of the step. The result equals `jax.grad(self.losses)` exactly (tested).
+    and costs ~10% of the step. The result equals `jax.grad(self.losses)` exactly (tested); with
+    `low_rank` the feedback kernels' gradients come as `optim.LowRank` factors of that value.
     """
     params = state.params
     x, y = batch['image'], batch['label']
     k = self.task.num_classes
     onehot = jax.nn.one_hot(y, k)
     scale = self.config.loss_scale_c
-    prototypes, feedback_vjp = jax.vjp(
-        lambda p: self.feedback.apply({'params': p}, jnp.eye(k)), params['feedback'])
+    eye = jnp.eye(k)
+    if self.low_rank:  # differentiate w.r.t. the pre-activations: the errors d of each layer
+      probes = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: self.feedback.apply({'params': params['feedback']}, eye,
+                                      mutable=['perturbations'])[1]['perturbations']))
+      prototypes, feedback_vjp = jax.vjp(lambda z: self.feedback.apply(
+          {'params': params['feedback'], 'perturbations': z}, eye), probes)
+    else:
+      prototypes, feedback_vjp = jax.vjp(
+          lambda p: self.feedback.apply({'params': p}, eye), params['feedback'])
     x, prototypes = jax.lax.optimization_barrier((x, prototypes))
 
     def forward_loss(p):  # pair 0 (input vs g_0) has no forward parameter: it joins phase 3
@@ -95,6 +108,18 @@ class CounterCurrent(base.Rule):
 
     (_, first), prototype_grads = jax.value_and_grad(feedback_loss, has_aux=True)(prototypes)
     feedback_grads = feedback_vjp(prototype_grads)[0]
+    if self.low_rank:  # feedback layer l+1 reads g_{l+1} (the top one the targets), emits error d
+      inputs = list(prototypes[1:]) + [eye]
+      feedback_grads = {f'layer_{l + 1}': {'kernel': optim.LowRank(a, feedback_grads[f'preact_{l + 1}'])}
+                        for l, a in enumerate(inputs)}
     metrics = {'loss': total + first, 'task_loss': task, 'accuracy': base.accuracy(out, y),
                **{f'layer_loss/{l}': t for l, t in enumerate([first] + terms)}}
     return {'forward': forward_grads, 'feedback': feedback_grads}, metrics, state.extra
+
+  def apply_tree(self, tree, state, grads):
+    """The feedback tree's low-rank gradients take `optim.low_rank_sgd` (the same SGD step)."""
+    if tree != 'feedback' or not self.low_rank:
+      return super().apply_tree(tree, state, grads)
+    c = self.config.optimizer.feedback
+    params = optim.low_rank_sgd(state.params[tree], grads, self.feedback_lr(state.step), c.clip)
+    return params, state.opt_state[tree]  # optax's state is unused on this path
