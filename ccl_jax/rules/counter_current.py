@@ -17,8 +17,19 @@ from ccl_jax.rules import base
 
 def prototype_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, scale: float) -> jax.Array:
   """(256·c/d) · mean((h gᵀ − Y)²): forward activations h (B×d) against class prototypes g (K×d)."""
-  d = h.shape[-1]
-  return (256.0 * scale / d) * jnp.mean(((h @ g.T).astype(jnp.float32) - onehot) ** 2)
+  return _loss_and_residual(h, g, onehot, scale)[0]
+
+
+def _loss_and_residual(h, g, onehot, scale):
+  r = (h @ g.T).astype(jnp.float32) - onehot
+  return (256.0 * scale / h.shape[-1]) * jnp.mean(r ** 2), r
+
+
+def _prototype_grad(h, g, r, scale):
+  """∂ prototype_loss / ∂g = (2·256·c / (d·B·K)) · rᵀ h, from the loss's residual r = h gᵀ − Y."""
+  b, d = h.shape
+  coef = 2 * 256.0 * scale / (d * b * r.shape[-1])
+  return (coef * (r.astype(h.dtype).T @ h)).astype(g.dtype)
 
 
 class CounterCurrent(base.Rule):
@@ -94,19 +105,19 @@ class CounterCurrent(base.Rule):
     def forward_loss(p):  # pair 0 (input vs g_0) has no forward parameter: it joins phase 3
       out, hiddens = self.model.apply({'params': p}, x)
       task = base.task_loss(out, y, self.config.loss)
-      terms = [prototype_loss(h, g, onehot, scale) for h, g in zip(hiddens, prototypes[1:])]
-      return task + sum(terms), (hiddens, out, task, terms)
+      terms, residuals = zip(*[_loss_and_residual(h, g, onehot, scale)
+                               for h, g in zip(hiddens, prototypes[1:])])
+      return task + sum(terms), (hiddens, out, task, list(terms), list(residuals))
 
-    (total, (hiddens, out, task, terms)), forward_grads = jax.value_and_grad(
+    (total, (hiddens, out, task, terms, residuals)), forward_grads = jax.value_and_grad(
         forward_loss, has_aux=True)(params['forward'])
-    hiddens, forward_grads = jax.lax.optimization_barrier((hiddens, forward_grads))
+    hiddens, residuals, forward_grads = jax.lax.optimization_barrier(
+        (hiddens, residuals, forward_grads))
     acts = [x.reshape(x.shape[0], -1)] + hiddens
-
-    def feedback_loss(gs):
-      terms = [prototype_loss(h, g, onehot, scale) for h, g in zip(acts, gs)]
-      return sum(terms), terms[0]
-
-    (_, first), prototype_grads = jax.value_and_grad(feedback_loss, has_aux=True)(prototypes)
+    first, r0 = _loss_and_residual(acts[0], prototypes[0], onehot, scale)
+    # Each prototype's gradient in closed form from its pair's residual (phase 2 computed those).
+    prototype_grads = [_prototype_grad(h, g, r, scale)
+                       for h, g, r in zip(acts, prototypes, [r0] + residuals)]
     feedback_grads = feedback_vjp(prototype_grads)[0]
     if self.low_rank:  # feedback layer l+1 reads g_{l+1} (the top one the targets), emits error d
       inputs = list(prototypes[1:]) + [eye]
