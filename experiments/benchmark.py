@@ -11,7 +11,7 @@ shuffling and the per-call metrics pull.
   python experiments/benchmark.py                       # CIFAR-10 MLP, BP vs CCL, batch 256
   python experiments/benchmark.py --configs cifar10_mlp_bp,cifar10_mlp_ccl,mnist_mlp_fa \
       --batch_sizes 32,256 --out experiments/results/bench_cpu
-Writes <out>.jsonl and <out>.md.
+Writes <out>.jsonl and <out>.md; `step_over_bp` compares each row with BP on the same network.
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ def timed(fn, *args, repeats: int) -> list[float]:
   return out
 
 
-def matmul_roof(n: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of a large fp32 matmul on the default device: the roof the steps are compared with."""
+def matmul(n: int = 2048):
+  """A large fp32 matmul on the default device (2n³ FLOPs): the roof the steps are compared with."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
-  return 2 * n ** 3 / statistics.median(timed(f, a, repeats=repeats))
+  jax.block_until_ready(f(a))
+  return lambda: jax.block_until_ready(f(a)), 2 * n ** 3
 
 
 def step_flops(rule, state, images, labels, batch: int) -> float:
@@ -72,63 +73,113 @@ def step_flops(rule, state, images, labels, batch: int) -> float:
   return float(cost.get('flops', float('nan'))) / batch
 
 
-def bench_case(name: str, batch: int, steps: int, repeats: int, roof: float) -> dict:
-  config = load_config(name)
-  config.batch_size = batch
-  shape, k, n = SHAPES[config.dataset]
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(n,) + shape).astype(np.float32))
-  labels = jnp.asarray(rng.integers(0, k, n).astype(np.int32))
-  steps_per_epoch = n // batch
-  task = Task(k, shape, steps_per_epoch * config.num_epochs)
-  rule = rules.get(config, task)
-  state = rule.init(jax.random.PRNGKey(0), {'image': images[:batch], 'label': labels[:batch]})
+class Case:
+  """One config × batch size, compiled and ready to time on synthetic data resident on device."""
 
-  chunk = jax.jit(train.make_chunk(rule.update, config.scan_unroll), donate_argnums=0)
-  idx = jnp.asarray(train.epoch_indices(jax.random.PRNGKey(1), 0, n, batch, True)[:steps])
-  t0 = time.perf_counter()
-  compiled = chunk.lower(state, images, labels, idx).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-          - mem.alias_size_in_bytes) if mem is not None else float('nan')
+  def __init__(self, name: str, batch: int, steps: int, data_cache: dict):
+    self.name, self.batch, self.steps = name, batch, steps
+    config = self.config = load_config(name)
+    config.batch_size = batch
+    shape, k, n = SHAPES[config.dataset]
+    if config.dataset not in data_cache:
+      rng = np.random.default_rng(0)
+      data_cache[config.dataset] = (
+          jnp.asarray(rng.normal(size=(n,) + shape).astype(np.float32)),
+          jnp.asarray(rng.integers(0, k, n).astype(np.int32)))
+    self.images, self.labels = data_cache[config.dataset]
+    self.n, self.steps_per_epoch = n, n // batch
+    self.rule = rules.get(config, Task(k, shape, self.steps_per_epoch * config.num_epochs))
+    self.state = self.rule.init(jax.random.PRNGKey(0), {'image': self.images[:batch],
+                                                        'label': self.labels[:batch]})
+    self.chunk = jax.jit(train.make_chunk(self.rule.update, config.scan_unroll), donate_argnums=0)
+    self.idx = jnp.asarray(train.epoch_indices(jax.random.PRNGKey(1), 0, n, batch, True)[:steps])
+    t0 = time.perf_counter()
+    self.compiled = self.chunk.lower(self.state, self.images, self.labels, self.idx).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.times: list[float] = []
+    self.call()  # warm-up
 
-  holder = {'state': state}
-
-  def run(idx):
-    holder['state'], metrics = compiled(holder['state'], images, labels, idx)
+  def call(self, idx=None, compiled=None):
+    self.state, metrics = (compiled or self.compiled)(self.state, self.images, self.labels,
+                                                      self.idx if idx is None else idx)
     return metrics
 
-  step_s = statistics.median(timed(run, idx, repeats=repeats)) / steps
+  def time_call(self) -> None:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.call())
+    self.times.append(time.perf_counter() - t0)
 
-  # One epoch as the loop runs it: shuffle, calls of `steps` steps, a metrics pull per call.
-  # A short last call is compiled ahead (as the loop does), so compilation is not epoch time.
-  rest = steps_per_epoch % steps
-  calls = {steps: compiled}
-  if rest:
-    calls[rest] = chunk.lower(holder['state'], images, labels, idx[:rest]).compile()
-  t0 = time.perf_counter()
-  all_idx = train.epoch_indices(jax.random.PRNGKey(2), 1, n, batch, True)
-  for start in range(0, steps_per_epoch, steps):
-    part = jnp.asarray(all_idx[start:start + steps])
-    holder['state'], metrics = calls[part.shape[0]](holder['state'], images, labels, part)
-    jax.device_get(metrics['loss'])
-  epoch_s = time.perf_counter() - t0
-  flops = step_flops(rule, holder['state'], images, labels, batch)
-  flops32 = step_flops(rule, holder['state'], images, labels, 32)
-  achieved = flops * batch / step_s
-  return {
-      'config': name, 'rule': config.rule, 'model': config.model, 'dataset': config.dataset,
-      'batch': batch, 'device': jax.devices()[0].device_kind, 'step_ms': 1e3 * step_s,
-      'samples_per_s': batch / step_s, 'mflop_per_sample': flops / 1e6,
-      'mflop_per_sample_b32': flops32 / 1e6, 'gflop_per_s': achieved / 1e9,
-      'roof_gflop_per_s': roof / 1e9, 'roof_fraction': achieved / roof, 'compile_s': compile_s,
-      'peak_mib': peak / 2 ** 20, 'epoch_s': epoch_s, 'steps_per_epoch': steps_per_epoch,
-      'epoch_over_steps': epoch_s / (steps_per_epoch * step_s),
-  }
+  def result(self, roof: float) -> dict:
+    """The row: step-time median over the timed calls, then one whole epoch as the loop runs it."""
+    config, batch = self.config, self.batch
+    step_s = statistics.median(self.times) / self.steps
+    mem = self.compiled.memory_analysis()
+    peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes) if mem is not None else float('nan')
+    # Shuffle, calls of `steps` steps, a metrics pull per call. A short last call is compiled
+    # ahead (as the loop does), so compilation is not epoch time.
+    rest = self.steps_per_epoch % self.steps
+    calls = {self.steps: self.compiled}
+    if rest:
+      calls[rest] = self.chunk.lower(self.state, self.images, self.labels,
+                                     self.idx[:rest]).compile()
+    t0 = time.perf_counter()
+    all_idx = train.epoch_indices(jax.random.PRNGKey(2), 1, self.n, batch, True)
+    for start in range(0, self.steps_per_epoch, self.steps):
+      part = jnp.asarray(all_idx[start:start + self.steps])
+      jax.device_get(self.call(part, calls[part.shape[0]])['loss'])
+    epoch_s = time.perf_counter() - t0
+    flops = step_flops(self.rule, self.state, self.images, self.labels, batch)
+    flops32 = step_flops(self.rule, self.state, self.images, self.labels, 32)
+    achieved = flops * batch / step_s
+    widths = config.hidden if config.model == 'mlp' else config.channels
+    return {
+        'config': self.name, 'rule': config.rule, 'model': config.model,
+        'dataset': config.dataset,
+        'network': f'{config.model} {tuple(widths)} {config.activation}/{config.output_activation}',
+        'batch': batch, 'device': jax.devices()[0].device_kind, 'step_ms': 1e3 * step_s,
+        'samples_per_s': batch / step_s, 'mflop_per_sample': flops / 1e6,
+        'mflop_per_sample_b32': flops32 / 1e6, 'gflop_per_s': achieved / 1e9,
+        'roof_gflop_per_s': roof / 1e9, 'roof_fraction': achieved / roof,
+        'compile_s': self.compile_s, 'peak_mib': peak / 2 ** 20, 'epoch_s': epoch_s,
+        'steps_per_epoch': self.steps_per_epoch,
+        'epoch_over_steps': epoch_s / (self.steps_per_epoch * step_s),
+    }
 
 
-COLUMNS = [('config', '{}'), ('batch', '{}'), ('step_ms', '{:.2f}'), ('samples_per_s', '{:.0f}'),
+def bench(names: list[str], batches: list[int], steps: int, repeats: int) -> tuple[list[dict], float]:
+  """Builds every case, then times them and the roof matmul in interleaved rounds (one call of
+  each per round), so a drift of the machine's speed hits every case alike. Returns the rows and
+  the roof in FLOP/s."""
+  data_cache: dict = {}
+  cases = [Case(name, batch, steps, data_cache) for name in names for batch in batches]
+  roof_call, roof_flops = matmul()
+  roof_times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    roof_call()
+    roof_times.append(time.perf_counter() - t0)
+    for case in cases:
+      case.time_call()
+  roof = roof_flops / statistics.median(roof_times)
+  print(f'{jax.devices()[0].device_kind}: fp32 matmul roof {roof / 1e9:.1f} GFLOP/s', flush=True)
+  rows = []
+  for case in cases:
+    rows.append(case.result(roof))
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                      for k, v in rows[-1].items()}), flush=True)
+  return rows, roof
+
+
+def add_bp_ratios(rows: list[dict]) -> None:
+  """step_over_bp: each row's step time over BP's on the same network and batch, in this run."""
+  bp = {(r['network'], r['dataset'], r['batch']): r['step_ms'] for r in rows if r['rule'] == 'bp'}
+  for r in rows:
+    r['step_over_bp'] = r['step_ms'] / bp.get((r['network'], r['dataset'], r['batch']), float('nan'))
+
+
+COLUMNS = [('config', '{}'), ('batch', '{}'), ('step_ms', '{:.2f}'), ('step_over_bp', '{:.2f}'),
+           ('samples_per_s', '{:.0f}'),
            ('mflop_per_sample', '{:.1f}'), ('mflop_per_sample_b32', '{:.1f}'),
            ('gflop_per_s', '{:.1f}'), ('roof_fraction', '{:.2f}'), ('compile_s', '{:.1f}'),
            ('peak_mib', '{:.0f}'), ('epoch_s', '{:.2f}'), ('epoch_over_steps', '{:.3f}')]
@@ -146,18 +197,12 @@ def main(argv=None) -> None:
   p.add_argument('--configs', default='cifar10_mlp_bp,cifar10_mlp_ccl')
   p.add_argument('--batch_sizes', default='256')
   p.add_argument('--steps', type=int, default=20, help='steps per compiled call')
-  p.add_argument('--repeats', type=int, default=10)
+  p.add_argument('--repeats', type=int, default=15, help='interleaved timing rounds')
   p.add_argument('--out', default='experiments/results/bench_cpu')
   args = p.parse_args(argv)
-  roof = matmul_roof()
-  print(f'{jax.devices()[0].device_kind}: fp32 matmul roof {roof / 1e9:.1f} GFLOP/s', flush=True)
-  rows = []
-  for name in args.configs.split(','):
-    for batch in map(int, args.batch_sizes.split(',')):
-      row = bench_case(name, batch, args.steps, args.repeats, roof)
-      rows.append(row)
-      print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-            flush=True)
+  rows, roof = bench(args.configs.split(','), [int(b) for b in args.batch_sizes.split(',')],
+                     args.steps, args.repeats)
+  add_bp_ratios(rows)
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out + '.jsonl', 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
@@ -165,8 +210,10 @@ def main(argv=None) -> None:
     f.write(f'# Training speed on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs)\n\n'
             f'fp32 matmul roof measured in the same process: {roof / 1e9:.1f} GFLOP/s.\n'
             f'Command: `python {" ".join([sys.argv[0]] + (argv or sys.argv[1:]))}`\n'
-            'Step times are medians of repeated multi-step calls; on a shared 2-core VM they vary\n'
-            'by about ±10% from run to run, so compare rows of one run only.\n\n')
+            'Step times are medians of multi-step calls timed in interleaved rounds (every case and\n'
+            'the roof matmul once per round); `step_over_bp` is the step time over BP\'s on the same\n'
+            'network in this run. On a shared 2-core VM absolute times drift by about ±10% between\n'
+            'runs, so compare rows of one run only.\n\n')
     f.write(markdown(rows) + '\n')
   print(markdown(rows))
 
