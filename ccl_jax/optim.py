@@ -85,12 +85,13 @@ def low_rank_sgd(params, grads, lr: jax.Array, clip: float):
   memory: ‖aᵀd‖² = Σ (a aᵀ) ⊙ (d dᵀ) comes from K×K Gram matrices, and each kernel's update
   is one fused pass over it (read W, write W) instead of gradient, norm and update passes.
   """
-  leaves = jax.tree.leaves(grads, is_leaf=is_low_rank)
+  f32 = lambda x: x.astype(jnp.float32)
+  gram = lambda x: jnp.einsum('ki,li->kl', f32(x), f32(x), precision='highest')
   scale = lr
   if clip and clip > 0:
-    sq = sum(jnp.sum(jnp.einsum('ki,li->kl', g.a, g.a, precision='highest')
-                     * jnp.einsum('ki,li->kl', g.d, g.d, precision='highest')) for g in leaves)
-    norm = jnp.sqrt(jnp.maximum(sq.astype(jnp.float32), 0.0))
+    sq = sum((jnp.sum(gram(g.a) * gram(g.d)) for g in jax.tree.leaves(grads, is_leaf=is_low_rank)),
+             jnp.zeros((), jnp.float32))
+    norm = jnp.sqrt(jnp.maximum(sq, 0.0))
     scale = jnp.where(norm < clip, lr, lr * clip / norm)
 
   def step(w, g):

@@ -120,8 +120,8 @@ class CounterCurrent(base.Rule):
                        for h, g, r in zip(acts, prototypes, [r0] + residuals)]
     feedback_grads = feedback_vjp(prototype_grads)[0]
     if self.low_rank:  # feedback layer l+1 reads g_{l+1} (the top one the targets), emits error d
-      inputs = list(prototypes[1:]) + [eye]
-      feedback_grads = {f'layer_{l + 1}': {'kernel': optim.LowRank(a, feedback_grads[f'preact_{l + 1}'])}
+      errors, inputs = feedback_grads, list(prototypes[1:]) + [eye]
+      feedback_grads = {f'layer_{l + 1}': {'kernel': optim.LowRank(a, errors[f'preact_{l + 1}'])}
                         for l, a in enumerate(inputs)}
     metrics = {'loss': total + first, 'task_loss': task, 'accuracy': base.accuracy(out, y),
                **{f'layer_loss/{l}': t for l, t in enumerate([first] + terms)}}
