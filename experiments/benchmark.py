@@ -219,9 +219,8 @@ def main(argv=None) -> None:
             'Step times are medians of multi-step calls timed in interleaved rounds (every case and\n'
             'the roof matmul once per round); `step_over_bp` is the step time over BP\'s on the same\n'
             'network in this run; `epoch_over_steps` is one epoch as the loop runs it (shuffle, calls,\n'
-            'a metrics pull per call) over steps × a step time taken just after it. On a shared\n'
-            '2-core VM absolute times drift by about ±10% between\n'
-            'runs, so compare rows of one run only.\n\n')
+            'a metrics pull per call) over steps × a step time taken just after it. On a shared VM\n'
+            'absolute times drift by about ±10% between runs: compare rows of one run only.\n\n')
     f.write(markdown(rows) + '\n')
   print(markdown(rows))
 
