@@ -13,6 +13,7 @@ def optimizer(lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
   return ml_collections.ConfigDict(dict(
       name=name, lr=lr, momentum=momentum, weight_decay=weight_decay, clip=clip,
       warmup_steps=0, schedule='constant', min_lr=0.0, b1=0.9, b2=0.999,
+      milestones=(0.5, 0.75, 0.89, 0.94), decay_factor=0.25,
       grad_centralization=False))
 
 
@@ -35,6 +36,9 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.num_epochs = 20
   c.train_subset = 0           # use only the first N training examples; 0 = all
+  c.augment_pad = 0            # on-device random crop: pad each side by this, crop back (0 = off)
+  c.augment_flip = False       # on-device random horizontal flip
+  c.augment_padding = 'zero'   # crop padding: 'zero' (the channel mean) or 'edge'
   c.val_fraction = 0.1
   c.shuffle = True
   c.seed = 2023
@@ -47,6 +51,13 @@ def base() -> ml_collections.ConfigDict:
   c.wm_batch = 128             # WM: mirror batch size
   c.wm_decay = 0.0             # WM: B ← (1 − λ)·B before each mirror step (0 = none, as the reference)
   c.wm_init_steps = -1         # WM: mirror steps before training; −1 = one epoch's worth of batches
+  # Local error signals (SPEC §3): rules global, pred, sim, predsim on models mlp, vgg8b, vgg11b.
+  c.dropout = 0.0              # dropout after every block (local losses read the block before it)
+  c.bio = False                # the 'bio' variants: fixed random label codes, FA pred heads
+  c.bio_code_size = 128        # bio: size of the projected label code
+  c.local_beta = -1.0          # predsim's β in (1−β)·pred + β·sim; −1 = 0.99 (0.01 with bio)
+  c.dim_in_decoder = 2048      # conv blocks: pred head input is average-pooled down to ≤ this
+  c.feat_mult = 1.0            # vgg8b/vgg11b: conv widths × this
   c.optimizer = ml_collections.ConfigDict(dict(forward=optimizer(), feedback=optimizer()))
   c.parallel = 'none'          # 'none', 'pmap' or 'shard_map'
   c.steps_per_call = 0         # training steps fused into one compiled call; 0 = one epoch
@@ -87,6 +98,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'loss', LOSSES)
   _choice(c, 'normalize', ('mean_std', 'unit'))
   _choice(c, 'compute_dtype', ('float32', 'bfloat16'))
+  _choice(c, 'augment_padding', ('zero', 'edge'))
   if c.compute_dtype != 'float32' and c.rule not in ('bp', 'ccl'):
     raise UserError(f"config.compute_dtype='{c.compute_dtype}' is supported by rules bp and ccl "
                     f"only, not '{c.rule}' (its feedback layers compute in float32)")
@@ -94,7 +106,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
               'keep_checkpoints', 'analysis_batch_size'):
     if int(c[key]) <= 0:
       raise UserError(f'config.{key}={c[key]} must be positive')
-  for key in ('train_subset', 'steps_per_call', 'scan_unroll', 'checkpoint_every_steps'):
+  for key in ('train_subset', 'steps_per_call', 'scan_unroll', 'checkpoint_every_steps',
+              'augment_pad'):
     if int(c[key]) < 0:
       raise UserError(f'config.{key}={c[key]} must be >= 0')
   for key, widths in (('hidden', c.hidden), ('channels', c.channels)):
@@ -106,8 +119,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise UserError(f'config.optimizer.{tree}.lr={opt.lr} must be positive')
     if opt.name not in ('sgd', 'adam'):
       raise UserError(f"config.optimizer.{tree}.name='{opt.name}' must be 'sgd' or 'adam'")
-    if opt.schedule not in ('constant', 'cosine'):
-      raise UserError(f"config.optimizer.{tree}.schedule='{opt.schedule}' must be 'constant' or 'cosine'")
+    if opt.schedule not in ('constant', 'cosine', 'step'):
+      raise UserError(f"config.optimizer.{tree}.schedule='{opt.schedule}' must be 'constant', "
+                      f"'cosine' or 'step'")
+    if opt.schedule == 'step' and not all(0 < float(m) < 1 for m in opt.milestones):
+      raise UserError(f'config.optimizer.{tree}.milestones={tuple(opt.milestones)} must be '
+                      f'fractions of the run in (0, 1)')
+  if not 0.0 <= c.dropout < 1.0:
+    raise UserError(f'config.dropout={c.dropout} must be in [0, 1)')
+  if not (0.0 <= c.local_beta <= 1.0 or c.local_beta == -1):
+    raise UserError(f'config.local_beta={c.local_beta} must be in [0, 1] (or -1 for the default)')
   if not 0.0 <= c.val_fraction < 1.0:
     raise UserError(f'config.val_fraction={c.val_fraction} must be in [0, 1)')
 
@@ -174,4 +195,41 @@ def small_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
   c.steps_per_call, c.scan_unroll = 8, 0  # inlined steps: XLA:CPU convs are slow inside loops
   c.optimizer.forward = optimizer(lr=0.02, momentum=0.9, clip=1.0)
   c.optimizer.feedback = optimizer(lr=0.02, momentum=0.9, clip=1.0)  # unused by fa/sign/kp/wm
+  return c
+
+
+LOCAL_MLP_HIDDEN = {'mnist': (1024,) * 3, 'fashion_mnist': (1024,) * 3, 'digits': (256,) * 3,
+                    'cifar10': (3000,) * 3, 'cifar100': (3000,) * 3}
+
+
+def local_losses(dataset: str, rule: str, model: str = 'mlp', bio: bool = False,
+                 feat_mult: float = 1.0) -> ml_collections.ConfigDict:
+  """SPEC §3: Nøkland & Eidnes' blocks (BN, ReLU — LeakyReLU 0.01 for sim/predsim), Adam lr 5e-4
+  (3e-4 for nets widened by feat_mult > 1) without clipping, ×0.25 at 50/75/89/94 % of 100 epochs
+  (MNISTs) or 50/75/87.5/93.75 % of 400 (CIFAR), batch 128; random crops (pad 2 for the MNISTs,
+  4 for CIFAR) and flips (Fashion-MNIST, CIFAR) on device; dropout 0.1 (CIFAR VGG: 0.2; bio: 0.05).
+  As everywhere in this package, 10 % of the training set is held out for model selection."""
+  c = base()
+  c.rule = rule
+  c.dataset = dataset
+  c.model = model
+  c.hidden = LOCAL_MLP_HIDDEN[dataset]
+  c.activation = 'leaky_relu' if rule in ('sim', 'predsim') else 'relu'
+  c.batch_size = 128
+  c.num_epochs = 100
+  c.seed = 2023
+  c.bio = bio
+  c.feat_mult = feat_mult
+  c.dim_in_decoder = 1024 if dataset in ('mnist', 'fashion_mnist') else 2048
+  cifar = dataset.startswith('cifar')
+  c.dropout = 0.05 if bio else 0.2 if cifar and model != 'mlp' else 0.1
+  wide = feat_mult > 1
+  c.augment_pad = 2 if dataset in ('mnist', 'fashion_mnist') else 4 if dataset.startswith('cifar') else 0
+  c.augment_flip = dataset in ('fashion_mnist', 'cifar10', 'cifar100')
+  c.optimizer.forward = optimizer(name='adam', lr=3e-4 if wide else 5e-4, clip=0.0)
+  c.optimizer.forward.schedule = 'step'
+  if cifar:
+    c.num_epochs = 400
+    c.optimizer.forward.milestones = (0.5, 0.75, 0.875, 0.9375)
+  c.optimizer.feedback = optimizer(name='adam', lr=5e-4, clip=0.0)  # unused: no feedback tree
   return c

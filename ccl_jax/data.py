@@ -138,3 +138,39 @@ def load(config) -> Dataset:
     raise UserError(f'config.batch_size={config.batch_size} is larger than the '
                     f'{len(train)} training examples of {name}')
   return Dataset(train, val, test, k)
+
+
+AUGMENT_STREAM = 0xA06  # folded into the step's key: the augmentation's random stream
+
+
+def augment(images, indices, key, pad: int, flip: bool, padding: str = 'zero'):
+  """Random crop (pad each side by `pad`, crop back to size) and random horizontal flip, on device.
+
+  Every example's draw is keyed by (`key`, its dataset index), so it does not depend on how the
+  batch is split over devices. `padding`: 'edge' repeats the border, 'zero' pads with 0 (the
+  channel mean, as images are standardised).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  def one(image, index):
+    k_crop, k_flip = jax.random.split(jax.random.fold_in(key, index))
+    out = image
+    if pad:
+      widths = ((pad, pad), (pad, pad), (0, 0))
+      padded = jnp.pad(image, widths, mode='edge' if padding == 'edge' else 'constant')
+      dy, dx = jax.random.randint(k_crop, (2,), 0, 2 * pad + 1)
+      out = jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
+    if flip:
+      out = jnp.where(jax.random.bernoulli(k_flip), out[:, ::-1], out)
+    return out
+  return jax.vmap(one)(images, indices)
+
+
+def augmenter(config):
+  """`(images, indices, key) -> images` for the config's augmentation, or None when it has none."""
+  pad, flip = int(config.augment_pad), bool(config.augment_flip)
+  if not pad and not flip:
+    return None
+  import functools
+  return functools.partial(augment, pad=pad, flip=flip, padding=config.augment_padding)

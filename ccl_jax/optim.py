@@ -10,10 +10,14 @@ import optax
 
 
 def schedule(c, total_steps: int) -> optax.Schedule:
-  """Constant or cosine learning rate, with optional linear warm-up."""
+  """Constant, cosine, or step ('step': × decay_factor at each milestone, given as fractions of
+  the run) learning rate, with optional linear warm-up."""
   warm = int(c.warmup_steps)
   if c.schedule == 'cosine':
     main = optax.cosine_decay_schedule(c.lr, max(1, total_steps - warm), alpha=c.min_lr / c.lr)
+  elif c.schedule == 'step':
+    at = sorted({max(1, round(float(m) * (total_steps - warm))) for m in c.milestones})
+    main = optax.piecewise_constant_schedule(c.lr, {s: float(c.decay_factor) for s in at})
   else:
     main = optax.constant_schedule(c.lr)
   if warm:

@@ -25,15 +25,21 @@ from ccl_jax.state import TrainState
 
 
 # -- pure pieces --------------------------------------------------------------------------------
-def make_chunk(update, unroll: int = 1):
+def make_chunk(update, unroll: int = 1, augment=None):
   """Fuses several `update` steps into one compiled call; batches are gathered on device.
 
   `unroll` is `lax.scan`'s: 0 inlines every step (no loop). XLA:CPU runs convolutions inside a
   while loop ~2× slower than inlined, so conv configs use a few fully unrolled steps per call.
+  `augment` (`data.augmenter`) transforms each gathered batch on device, keyed by the state's key
+  and step and by each example's index.
   """
   def chunk(state: TrainState, images, labels, idx):
     def body(state, batch_idx):
-      return update(state, {'image': images[batch_idx], 'label': labels[batch_idx]})
+      x = images[batch_idx]
+      if augment is not None:
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), data_lib.AUGMENT_STREAM)
+        x = augment(x, batch_idx, key)
+      return update(state, {'image': x, 'label': labels[batch_idx]})
     return jax.lax.scan(body, state, idx, unroll=unroll or True)  # metrics stacked per step
   return chunk
 
@@ -194,7 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(cfg_json, f, indent=2)
 
   images, labels = para.put_data(data.train.images), para.put_data(data.train.labels)
-  step_fn = para.compile(make_chunk(rule.update, config.scan_unroll))
+  step_fn = para.compile(make_chunk(rule.update, config.scan_unroll,
+                                     data_lib.augmenter(config)))
   evaluate = make_eval(rule, config.loss)
   analysis_batch = {'image': jnp.asarray(data.val.images[:config.analysis_batch_size]
                                          if len(data.val) else data.train.images[:256]),

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccl_jax import rules, train
+from ccl_jax import data, rules, train
 from ccl_jax.rules.base import Task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -91,7 +91,8 @@ class Case:
     self.rule = rules.get(config, Task(k, shape, self.steps_per_epoch * config.num_epochs))
     self.state = self.rule.init(jax.random.PRNGKey(0), {'image': self.images[:batch],
                                                         'label': self.labels[:batch]})
-    self.chunk = jax.jit(train.make_chunk(self.rule.update, config.scan_unroll), donate_argnums=0)
+    self.chunk = jax.jit(train.make_chunk(self.rule.update, config.scan_unroll,
+                                          data.augmenter(config)), donate_argnums=0)
     self.idx = jnp.asarray(train.epoch_indices(jax.random.PRNGKey(1), 0, n, batch, True)[:steps])
     t0 = time.perf_counter()
     self.compiled = self.chunk.lower(self.state, self.images, self.labels, self.idx).compile()
@@ -138,11 +139,10 @@ class Case:
     flops = step_flops(self.rule, self.state, self.images, self.labels, batch)
     flops32 = step_flops(self.rule, self.state, self.images, self.labels, 32)
     achieved = flops * batch / step_s
-    widths = config.hidden if config.model == 'mlp' else config.channels
     return {
         'config': self.name, 'rule': config.rule, 'model': config.model,
-        'dataset': config.dataset,
-        'network': f'{config.model} {tuple(widths)} {config.activation}/{config.output_activation}',
+        'dataset': config.dataset, 'network': network(config),
+        'activation': f'{config.activation}/{config.output_activation}',
         'batch': batch, 'device': jax.devices()[0].device_kind, 'step_ms': 1e3 * step_s,
         'samples_per_s': batch / step_s, 'mflop_per_sample': flops / 1e6,
         'mflop_per_sample_b32': flops32 / 1e6, 'gflop_per_s': achieved / 1e9,
@@ -177,11 +177,25 @@ def bench(names: list[str], batches: list[int], steps: int, repeats: int) -> tup
   return rows, roof
 
 
+def network(config) -> str:
+  """The layer widths a step's cost depends on (activations aside)."""
+  if config.model == 'mlp':
+    return f'mlp {tuple(config.hidden)}'
+  if config.model == 'cnn':
+    return f'cnn {tuple(config.channels)}'
+  return f'{config.model} ×{config.feat_mult:g}'
+
+
+BASELINE = {'global': 'global', 'pred': 'global', 'sim': 'global', 'predsim': 'global'}
+
+
 def add_bp_ratios(rows: list[dict]) -> None:
-  """step_over_bp: each row's step time over BP's on the same network and batch, in this run."""
-  bp = {(r['network'], r['dataset'], r['batch']): r['step_ms'] for r in rows if r['rule'] == 'bp'}
+  """step_over_bp: each row's step time over backprop's on the same network and batch, in this
+  run: rule 'bp', or for the local-loss rules 'global' (backprop through the same block net)."""
+  base = {(r['rule'], r['network'], r['dataset'], r['batch']): r['step_ms'] for r in rows}
   for r in rows:
-    r['step_over_bp'] = r['step_ms'] / bp.get((r['network'], r['dataset'], r['batch']), float('nan'))
+    key = (BASELINE.get(r['rule'], 'bp'), r['network'], r['dataset'], r['batch'])
+    r['step_over_bp'] = r['step_ms'] / base.get(key, float('nan'))
 
 
 COLUMNS = [('config', '{}'), ('batch', '{}'), ('step_ms', '{:.2f}'), ('step_over_bp', '{:.2f}'),
@@ -219,7 +233,9 @@ def main(argv=None) -> None:
             'Step times are medians of multi-step calls timed in interleaved rounds (every case and\n'
             'the roof matmul once per round); `step_over_bp` is the step time over BP\'s on the same\n'
             'network in this run; `epoch_over_steps` is one epoch as the loop runs it (shuffle, calls,\n'
-            'a metrics pull per call) over steps × a step time taken just after it. On a shared VM\n'
+            'a metrics pull per call) over steps × a step time taken just after it. For the local-loss\n'
+            'rules (pred, sim, predsim) the backprop baseline is `global` on the same block net.\n'
+            'On a shared VM\n'
             'absolute times drift by about ±10% between runs: compare rows of one run only.\n\n')
     f.write(markdown(rows) + '\n')
   print(markdown(rows))

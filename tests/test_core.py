@@ -130,6 +130,11 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     ('--config.loss=mse', "loss='mse'"),
     ('--config.checkpoint_every_epochs=0', 'checkpoint_every_epochs=0'),
     ('--config.steps_per_call=-1', 'steps_per_call=-1'),
+    ('--config.rule=predsim --config.model=cnn', "not 'cnn'"),
+    ('--config.model=vgg8b', "not rule 'ccl'"),
+    ('--config.rule=global --config.bio=True', "not 'global'"),
+    ('--config.optimizer.forward.schedule=step --config.optimizer.forward.milestones=(0.5,2)',
+     'milestones=(0.5, 2)'),
 ])
 def test_bad_input_gives_one_line_error(flag, needle, tmp_path):
   out = run_main(f'--workdir={tmp_path}', *flag.split())
@@ -180,3 +185,24 @@ def test_bfloat16_compute_keeps_float32_parameters_and_learns(tmp_path):
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(optim.densify(grads)))
   new, _ = r16.update(state, batch)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
+
+
+def test_augment_is_a_keyed_crop_and_flip_per_example():
+  from ccl_jax import data
+  images = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 7, 2))
+  idx = jnp.array([3, 9, 4, 1, 0, 7])
+  key = jax.random.PRNGKey(5)
+  out = np.asarray(data.augment(images, idx, key, pad=2, flip=True))
+  flips = 0
+  for x, y in zip(np.asarray(images), out):
+    padded = np.pad(x, ((2, 2), (2, 2), (0, 0)))
+    windows = [padded[i:i + 5, j:j + 7] for i in range(5) for j in range(5)]
+    plain = any(np.array_equal(y, w) for w in windows)
+    mirrored = any(np.array_equal(y[:, ::-1], w) for w in windows)
+    assert plain or mirrored
+    flips += not plain
+  assert 0 < flips < 6
+  # Keyed by example index: a row's draw does not depend on the rest of the batch.
+  np.testing.assert_array_equal(data.augment(images[2:4], idx[2:4], key, 2, True), out[2:4])
+  np.testing.assert_array_equal(data.augment(images, idx, key, 0, False), images)
+  assert not np.array_equal(data.augment(images, idx, jax.random.PRNGKey(6), 2, True), out)

@@ -36,14 +36,19 @@ def test_pmap_shard_map_and_single_device_agree_for_every_rule():
   """Three steps of every rule on a fixed global batch: pmap and shard_map equal one device.
 
   Covers custom-VJP rules (FA/sign/KP/WM) and WM's per-step noise, which must be the same on
-  every device."""
+  every device, and the local-loss rules' batch norm and batch similarity matrices, which must
+  see the global batch."""
   if jax.device_count() < DEVICES:
     return in_subprocess_with_devices('test_pmap_shard_map_and_single_device_agree_for_every_rule')
-  for rule in rules.names():
+  cases = [(rule, {}) for rule in rules.names()] + [
+      ('predsim', {'model': 'vgg8b', 'feat_mult': 1 / 32}),  # conv BN, per-channel-std similarity
+      ('predsim', {'bio': True})]
+  for rule, extra in cases:
     # No clipping: clipping would normalise away a wrong (summed) gradient average.
     config = load_config('default', rule=rule, hidden=(32, 16), batch_size=32, wm_init_steps=2,
+                         augment_pad=1, augment_flip=True,
                          **{'optimizer.forward.clip': 0.0, 'optimizer.feedback.clip': 0.0,
-                            'optimizer.forward.lr': 0.1, 'optimizer.feedback.lr': 0.1})
+                            'optimizer.forward.lr': 0.1, 'optimizer.feedback.lr': 0.1}, **extra)
     data = data_lib.load(config)
     task = Task(data.num_classes, data.image_shape, total_steps=100)
     idx = np.arange(3 * 32).reshape(3, 32)  # 3 steps of a fixed global batch order
@@ -54,13 +59,14 @@ def test_pmap_shard_map_and_single_device_agree_for_every_rule():
       sample = {'image': jnp.asarray(data.train.images[:32 // para.n]),
                 'label': jnp.asarray(data.train.labels[:32 // para.n])}
       state = para.put_state(r.init(jax.random.PRNGKey(0), sample))
-      step = para.compile(train.make_chunk(r.update))
+      step = para.compile(train.make_chunk(r.update, augment=data_lib.augmenter(config)))
       state, metrics = step(state, para.put_data(data.train.images),
                             para.put_data(data.train.labels), para.split_idx(idx))
-      finals[mode] = (jax.device_get(para.get_state(state).params), para.get_metrics(metrics))
+      final = jax.device_get(para.get_state(state))
+      finals[mode] = (final.params, final.extra, para.get_metrics(metrics))
     for mode in ('pmap', 'shard_map'):
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
-                                                           err_msg=f'{rule} {mode}'),
+                                                           err_msg=f'{rule} {extra} {mode}'),
                    finals[mode], finals['none'])
 
 

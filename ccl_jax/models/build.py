@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from ccl_jax.errors import UserError
 from ccl_jax.models import cnn, mlp
 
-MODELS = ('mlp', 'cnn')
+MODELS = ('mlp', 'cnn', 'vgg8b', 'vgg11b')  # vgg*: the local-loss rules' block nets (blocks.py)
 
 
 def compute_dtype(config):
@@ -28,6 +28,9 @@ def forward(config, task, local: bool, feedback: bool = False):
     return mlp.MLP(hidden=tuple(config.hidden), **common)
   if config.model == 'cnn':
     return cnn.CNN(channels=tuple(config.channels), **common)
+  if config.model in MODELS:
+    raise UserError(f"model '{config.model}' is built for the local-loss rules (global, pred, sim, "
+                    f"predsim), not rule '{config.rule}'")
   raise UserError(f"unknown model '{config.model}'; choose one of {', '.join(MODELS)}")
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ccl_jax.errors import UserError
-from ccl_jax.rules import backprop, counter_current, feedback_alignment, kolen_pollack, weight_mirror
+from ccl_jax.rules import (backprop, counter_current, feedback_alignment, kolen_pollack,
+                           local_losses, weight_mirror)
 from ccl_jax.rules.base import Rule, Task
 
 REGISTRY: dict[str, type[Rule]] = {
@@ -13,6 +14,7 @@ REGISTRY: dict[str, type[Rule]] = {
     'sign_symmetry': feedback_alignment.SignSymmetry,
     'kp': kolen_pollack.KolenPollack,
     'wm': weight_mirror.WeightMirror,
+    **{name: local_losses.LocalLosses for name in local_losses.VARIANTS},
 }
 
 

@@ -1,0 +1,111 @@
+"""Local error signals (Nøkland & Eidnes 2019, SPEC §3): every block trains on its own loss.
+
+Rules (`config.rule`), all on the same `models.blocks.BlockNet` (Linear/Conv → BN → φ → dropout):
+- 'global':  the paper's baseline, backprop of the classifier's CE through every block;
+- 'pred':    each block: CE of its zero-initialised linear head;
+- 'sim':     each block: mean squared difference of the similarity matrices of its sim head's
+             output and of the one-hot labels (over all B² pairs);
+- 'predsim': each block (1−β)·pred + β·sim, and the classifier's CE scaled by (1−β).
+With `config.bio` the labels are replaced by a fixed random 128-dim projection of the one-hot code:
+pred heads are feedback-alignment layers trained by sigmoid BCE on the binarised code, sim
+compares to the projected codes' similarity, and β defaults to 0.01 (0.99 otherwise).
+
+Every block's input is stop_gradient'd (except under 'global'), so one gradient of the summed
+losses is exactly each block's local gradient. Batch statistics live in `state.extra`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ccl_jax.errors import UserError
+from ccl_jax.models import blocks
+from ccl_jax.rules import base
+
+VARIANTS = {'global': (), 'pred': ('pred',), 'sim': ('sim',), 'predsim': ('pred', 'sim')}
+MODELS = ('mlp', 'vgg8b', 'vgg11b')
+PROJECTION_STREAM = 0xB10
+
+
+class LocalLosses(base.Rule):
+  name = 'predsim'
+
+  def __init__(self, config, task, axis_name=None):
+    super().__init__(config, task, axis_name)
+    if config.model not in MODELS:
+      raise UserError(f"rule '{config.rule}' runs on model mlp, vgg8b or vgg11b, not "
+                      f"'{config.model}'")
+    if config.loss != 'ce':
+      raise UserError(f"rule '{config.rule}' trains and evaluates by cross-entropy: set "
+                      f"config.loss='ce', not '{config.loss}'")
+    self.name = config.rule
+    self.heads = VARIANTS[config.rule]
+    self.bio = bool(config.bio)
+    if self.bio and config.rule == 'global':
+      raise UserError("config.bio=True needs a local rule (pred, sim or predsim), not 'global'")
+    beta = config.local_beta if config.local_beta >= 0 else (0.01 if self.bio else 0.99)
+    self.beta = float(beta)
+    self.model = blocks.make(config, task, axis_name,
+                             num_pred=int(config.bio_code_size) if self.bio else None)
+
+  def init_params(self, rng, images):
+    params_rng, proj_rng = jax.random.split(rng)
+    variables = self.model.init({'params': params_rng}, images, train=False,
+                                 local=bool(self.heads), heads=self.heads)
+    variables = dict(variables)
+    extra = {k: v for k, v in variables.items() if k != 'params'}
+    if self.bio:
+      # Fixed random projection of the one-hot label (K → code size), N(0, 1).
+      extra['fixed'] = {**extra.get('fixed', {}), 'label_projection': jax.random.normal(
+          jax.random.fold_in(proj_rng, PROJECTION_STREAM),
+          (self.task.num_classes, int(self.config.bio_code_size)))}
+    return {'forward': variables['params'], 'feedback': {}}, extra
+
+  def predict(self, params, images, extra=None):
+    return self.model.apply({'params': params['forward'], **(extra or {})}, images)[0]
+
+  def label_codes(self, labels: jax.Array, extra: dict) -> jax.Array:
+    """One-hot labels, or their fixed random projection under `bio`."""
+    onehot = jax.nn.one_hot(labels, self.task.num_classes)
+    return onehot @ extra['fixed']['label_projection'] if self.bio else onehot
+
+  def losses(self, forward: dict, extra: dict, batch: base.Batch, rng: jax.Array):
+    if self.axis_name and self.config.dropout:
+      # Each device draws its own masks, so with dropout a run depends on the device count.
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(self.axis_name))
+    (logits, found), new_stats = self.model.apply(
+        {'params': forward, **extra}, batch['image'], train=True, local=bool(self.heads),
+        heads=self.heads, rngs={'dropout': rng}, mutable=['batch_stats'])
+    labels = batch['label']
+    codes = self.label_codes(labels, extra)
+    top = base.task_loss(logits, labels, 'ce')
+    metrics = {'accuracy': base.accuracy(logits, labels), 'classifier_loss': top}
+    total = (1.0 - self.beta if self.heads == ('pred', 'sim') else 1.0) * top
+    if 'sim' in self.heads:  # the global batch's label similarity (gathered over devices)
+      all_codes = jax.lax.all_gather(codes, self.axis_name, tiled=True) if self.axis_name else codes
+      target_sim = blocks.similarity(all_codes)
+    for i, out in enumerate(found):
+      parts = {}
+      if 'pred' in out:
+        if self.bio:
+          parts['pred'] = optax.sigmoid_binary_cross_entropy(
+              out['pred'], (codes > 0).astype(jnp.float32)).mean()
+        else:
+          parts['pred'] = optax.softmax_cross_entropy_with_integer_labels(out['pred'], labels).mean()
+      if 'sim' in out:
+        parts['sim'] = jnp.mean((out['sim'] - target_sim) ** 2)
+      if len(parts) == 2:
+        block_loss = (1.0 - self.beta) * parts['pred'] + self.beta * parts['sim']
+      else:
+        block_loss = sum(parts.values())
+      total = total + block_loss
+      metrics.update({f'{k}_loss/block_{i + 1}': v for k, v in parts.items()})
+    metrics['loss'] = total
+    return total, (metrics, {**extra, **new_stats})
+
+  def loss_and_grads(self, state, batch, rng):
+    grads, (metrics, extra) = jax.grad(self.losses, has_aux=True)(
+        state.params['forward'], state.extra, batch, rng)
+    return {'forward': grads, 'feedback': {}}, metrics, extra

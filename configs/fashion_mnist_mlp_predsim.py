@@ -1,0 +1,8 @@
+"""predsim on the Fashion-MNIST MLP 3×1024 (SPEC §3)."""
+
+from ccl_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.local_losses('fashion_mnist', 'predsim', 'mlp')
+  return c

@@ -1,0 +1,8 @@
+"""sim: local similarity-matching losses on the MNIST MLP 3×1024 (SPEC §3)."""
+
+from ccl_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.local_losses('mnist', 'sim', 'mlp')
+  return c
