@@ -1,4 +1,4 @@
-"""Alignment metrics for feedback-weight rules: weight angles, delta angles, norm ratios (SPEC §2).
+"""Alignment metrics: weight angles, delta angles, norm ratios (SPEC §2) and linear CKA (SPEC §1.4).
 
 Layers are named by their module path ('layer_1', ...). Every function is pure and jit-able and
 returns scalars, so a rule's `analyze` can hand them straight to the training loop's log.
@@ -99,3 +99,16 @@ def delta_angles(model, forward: PyTree, feedback: PyTree, images: jax.Array,
   rule, bp = deltas(feedback), deltas(backprop_feedback(forward, feedback))
   paths = sorted(rule, key=lambda p: _natural(layer_name(p)))[:-1]  # the output layer's are equal
   return {f'delta_angle/{layer_name(p)}': angle_degrees(rule[p], bp[p]) for p in paths}
+
+
+def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Linear CKA of two representations of the same n examples, x (n, p) and y (n, q):
+  ‖ỹᵀx̃‖²_F / (‖x̃ᵀx̃‖_F ‖ỹᵀỹ‖_F) with columns centred; in [0, 1], invariant to rotations and
+  isotropic scaling of either side (Kornblith et al. 2019). 0 if either side is constant."""
+  x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+  y = y.reshape(y.shape[0], -1).astype(jnp.float32)
+  x, y = x - x.mean(0), y - y.mean(0)
+  dot = lambda a, b: jnp.einsum('ni,nj->ij', a, b, precision='highest')
+  num = jnp.sum(dot(y, x) ** 2)
+  den = jnp.linalg.norm(dot(x, x)) * jnp.linalg.norm(dot(y, y))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)

@@ -1,4 +1,4 @@
-"""Weight and delta angles vs epoch for several runs, in one PNG.
+"""Weight and delta angles (and CCL's forward/feedback CKA) vs epoch for several runs, in one PNG.
 
     python experiments/plot_alignment.py RUN_DIR [RUN_DIR ...] --out alignment.png
 
@@ -18,7 +18,9 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = (('weight_angle/', 'weight angle ∠(W, B)'), ('delta_angle/', 'delta angle ∠(δ_rule, δ_BP)'))
+PANELS = (('weight_angle/', 'weight angle ∠(W, B) (degrees)'),
+          ('delta_angle/', 'delta angle ∠(δ_rule, δ_BP) (degrees)'),
+          ('cka/', 'CKA(forward, feedback activations)'))  # CCL logs cka/; FA-type rules do not
 STYLES = ('-', '--', ':', '-.')
 
 
@@ -44,21 +46,28 @@ def load_run(arg: str) -> tuple[str, list[dict]]:
 
 
 def plot(runs: list[tuple[str, list[dict]]], out: str, title: str = '') -> None:
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 5.2))
+  present = {k for _, records in runs for r in records for k in r}
+  panels = [p for p in PANELS if any(k.startswith(p[0]) for k in present)] or list(PANELS[:1])
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.2), squeeze=False)
   colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  for ax, (prefix, ylabel) in zip(axes, PANELS):
+  for ax, (prefix, ylabel) in zip(axes[0], panels):
+    top = 0.0
     for i, (label, records) in enumerate(runs):
       keys = sorted({k for r in records for k in r if k.startswith(prefix)}, key=_natural)
       for j, key in enumerate(keys):
         pts = [(r['epoch'], r[key]) for r in records if key in r]
         if pts:
+          top = max([top] + [v for _, v in pts if v is not None])
           ax.plot(*zip(*pts), STYLES[j % len(STYLES)], color=colours[i % len(colours)],
                   marker='o' if len(pts) < 15 else None, ms=3,
                   label=f'{label} {key[len(prefix):]}')
     ax.set_xlabel('epoch')
-    ax.set_ylabel(f'{ylabel} (degrees)')
-    ax.set_ylim(0, 95)
-    ax.axhline(90, color='grey', lw=0.5)
+    ax.set_ylabel(ylabel)
+    if prefix == 'cka/':
+      ax.set_ylim(0, 1.05)
+    else:
+      ax.set_ylim(0, max(95, top + 5))
+      ax.axhline(90, color='grey', lw=0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc='upper center', bbox_to_anchor=(0.5, -0.14), frameon=False,
               handlelength=3)

@@ -104,6 +104,8 @@ def test_default_config_learns_digits(rule, tmp_path):
   best = min(epochs, key=lambda r: r['val_loss'])
   assert (final['best_epoch'], final['best_val_loss']) == (best['epoch'], best['val_loss'])
   assert final['test_accuracy'] == best['test_accuracy']
+  if rule == 'ccl':  # SPEC §1.4's alignment metrics are logged at every evaluation
+    assert 0 < epochs[-1]['cka/pair_1'] <= 1 and 0 <= epochs[-1]['weight_angle/layer_2'] <= 180
 
 
 @pytest.mark.parametrize('rule,floor', [('bp', 0.92), ('ccl', 0.85)])
@@ -206,3 +208,31 @@ def test_augment_is_a_keyed_crop_and_flip_per_example():
   np.testing.assert_array_equal(data.augment(images[2:4], idx[2:4], key, 2, True), out[2:4])
   np.testing.assert_array_equal(data.augment(images, idx, key, 0, False), images)
   assert not np.array_equal(data.augment(images, idx, jax.random.PRNGKey(6), 2, True), out)
+
+
+def test_linear_cka_equals_the_centred_gram_form_and_its_invariances():
+  from ccl_jax import metrics
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(50, 7)), rng.normal(size=(50, 4)) + 3.0
+  h = np.eye(50) - 1 / 50  # centring matrix
+  k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+  want = np.sum(k * l) / (np.linalg.norm(k) * np.linalg.norm(l))
+  np.testing.assert_allclose(metrics.linear_cka(jnp.asarray(x), jnp.asarray(y)), want, rtol=1e-5)
+  q = np.linalg.qr(rng.normal(size=(7, 7)))[0]
+  np.testing.assert_allclose(metrics.linear_cka(jnp.asarray(x), jnp.asarray(2.5 * x @ q + 1)), 1.0,
+                             rtol=1e-5)
+  assert float(metrics.linear_cka(jnp.asarray(x), jnp.ones((50, 3)))) == 0.0
+
+
+def test_ccl_analyze_reports_angles_of_w_against_v_transposed():
+  r, state, batch = tiny('ccl', hidden=(5, 4))
+  out = r.analyze(state, batch)
+  assert {'cka/pair_0', 'cka/pair_1', 'cka/pair_2', 'weight_angle/layer_3'} <= set(out)
+  assert all(0 <= float(out[f'cka/pair_{l}']) <= 1 for l in range(3))
+  # With every V_l := W_lᵀ the angles are 0 and the norm ratios 1.
+  forward = state.params['forward']
+  mirrored = {n: {'kernel': forward[n]['kernel'].T} for n in forward}
+  out = r.analyze(state.replace(params={'forward': forward, 'feedback': mirrored}), batch)
+  for n in forward:
+    np.testing.assert_allclose(out[f'weight_angle/{n}'], 0.0, atol=0.1)
+    np.testing.assert_allclose(out[f'norm_ratio/{n}'], 1.0, rtol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccl_jax import metrics as metrics_lib
 from ccl_jax import optim
 from ccl_jax.models import build
 from ccl_jax.rules import base
@@ -134,3 +135,21 @@ class CounterCurrent(base.Rule):
     c = self.config.optimizer.feedback
     params = optim.low_rank_sgd(state.params[tree], grads, self.feedback_lr(state.step), c.clip)
     return params, state.opt_state[tree]  # optax's state is unused on this path
+
+  def analyze(self, state, batch):
+    """SPEC §1.4: per pair l, cka/pair_l = linear CKA between the forward activations h_l of the
+    batch and the feedback activations of their labels (g_l's rows picked by label; pair 0 is
+    the input); per layer, weight_angle/layer_l = ∠(W_l, V_lᵀ) in degrees (V_l: the feedback
+    layer that maps back across W_l) and norm_ratio/layer_l = ‖V_l‖/‖W_l‖."""
+    x, y = batch['image'], batch['label']
+    forward, feedback = state.params['forward'], state.params['feedback']
+    _, hiddens = self.model.apply({'params': forward}, x)
+    prototypes = self.feedback.apply({'params': feedback}, jnp.eye(self.task.num_classes))
+    acts = [x.reshape(x.shape[0], -1)] + hiddens
+    out = {f'cka/pair_{l}': metrics_lib.linear_cka(h, g[y])
+           for l, (h, g) in enumerate(zip(acts, prototypes))}
+    for name in forward:
+      w, v = forward[name]['kernel'], feedback[name]['kernel']
+      out[f'weight_angle/{name}'] = metrics_lib.angle_degrees(w, v.T)
+      out[f'norm_ratio/{name}'] = jnp.linalg.norm(v) / jnp.maximum(jnp.linalg.norm(w), 1e-12)
+    return out
