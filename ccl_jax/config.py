@@ -43,6 +43,7 @@ def base() -> ml_collections.ConfigDict:
   c.shuffle = True
   c.seed = 2023
   c.loss_scale_c = 0.5         # CCL: weight of the layer-wise prototype losses
+  c.ccl_self_scale = 0.5       # CCL on the CNN: weight s of the ĤĤᵀ and ĜĜᵀ decorrelation terms
   # FA / sign symmetry / KP / WM (SPEC §2); the feedback optimizer is not used by these rules.
   c.sign_scale = 0.0           # sign symmetry: B = sign(W)·s; s = this, or mean|W| per layer if 0
   c.kp_decay = 1.0             # KP: κ in W ← κW − η∇W, B ← κB − η∇W (1 = no decay, as the reference)
@@ -232,4 +233,35 @@ def local_losses(dataset: str, rule: str, model: str = 'mlp', bio: bool = False,
     c.num_epochs = 400
     c.optimizer.forward.milestones = (0.5, 0.75, 0.875, 0.9375)
   c.optimizer.feedback = optimizer(name='adam', lr=5e-4, clip=0.0)  # unused: no feedback tree
+  return c
+
+
+def reference_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
+  """SPEC §1.2: the CCL paper's `cnn_pool` (5 × [Conv3×3 → ELU → MaxPool 2], channels
+  128-128-256-256-512, Linear 512→K, no biases), edge-padded crops of 4 and flips on device.
+  CCL: SGD lr 1/1, momentum 0.5, wd 1e-6, gradient centralisation, clip 1, batch 128, cosine to
+  0.001 over 100 epochs; the reference's 100-step loss warm-up is a 100-step lr warm-up here.
+  BP: SGD lr 0.03, momentum 0.5, wd 1e-5, warm-up 200, batch 256, cosine over 100 epochs."""
+  c = base()
+  c.rule = rule
+  c.dataset = dataset
+  c.model = 'cnn'
+  c.channels = (128, 128, 256, 256, 512)
+  c.activation = 'elu'
+  c.num_epochs = 100
+  c.seed = 2023
+  c.augment_pad, c.augment_flip, c.augment_padding = 4, True, 'edge'
+  c.steps_per_call, c.scan_unroll = 8, 0  # inlined steps: XLA:CPU convs are slow inside loops
+  if rule == 'bp':
+    c.batch_size = 256
+    opt = optimizer(lr=0.03, momentum=0.5, weight_decay=1e-5, clip=0.0)
+    opt.warmup_steps = 200
+  else:
+    c.batch_size = 128
+    c.loss_scale_c = 1.0
+    opt = optimizer(lr=1.0, momentum=0.5, weight_decay=1e-6, clip=1.0)
+    opt.warmup_steps, opt.grad_centralization = 100, True
+  opt.schedule, opt.min_lr = 'cosine', 0.001 if rule != 'bp' else 0.0
+  c.optimizer.forward = opt
+  c.optimizer.feedback = ml_collections.ConfigDict(opt.to_dict())
   return c

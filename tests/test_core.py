@@ -236,3 +236,73 @@ def test_ccl_analyze_reports_angles_of_w_against_v_transposed():
   for n in forward:
     np.testing.assert_allclose(out[f'weight_angle/{n}'], 0.0, atol=0.1)
     np.testing.assert_allclose(out[f'norm_ratio/{n}'], 1.0, rtol=1e-6)
+
+
+def cnn_ccl(channels=(4, 8), image_shape=(8, 8, 1), k=3, batch=6, seed=0, **overrides):
+  config = load_config('default', rule='ccl', model='cnn', channels=channels, **overrides)
+  r = rules.get(config, Task(num_classes=k, image_shape=image_shape, total_steps=10))
+  rng = np.random.default_rng(seed)
+  batch = {'image': jnp.asarray(rng.normal(size=(batch,) + image_shape), jnp.float32),
+           'label': jnp.asarray(np.arange(batch) % k, jnp.int32)}
+  return r, r.init(jax.random.PRNGKey(seed), batch), batch
+
+
+@pytest.mark.parametrize('image_shape', [(32, 32, 3), (28, 28, 1)])
+def test_feedback_cnn_mirrors_the_forward_maps(image_shape):
+  r, state, batch = cnn_ccl(channels=(2, 2, 2, 2, 4), image_shape=image_shape, batch=2)
+  _, hiddens = r.model.apply({'params': state.params['forward']}, batch['image'])
+  prototypes = r.feedback.apply({'params': state.params['feedback']}, jnp.eye(3))
+  assert [g.shape[1:] for g in prototypes] == [image_shape] + [h.shape[1:] for h in hiddens]
+  assert prototypes[0].shape[0] == 3
+
+
+def test_normalized_pair_loss_matches_hand_computation():
+  from ccl_jax.rules.counter_current import normalized_pair_loss
+  rng = np.random.default_rng(0)
+  h, g = rng.normal(size=(5, 2, 2, 3)), rng.normal(size=(4, 2, 2, 3))
+  y = np.eye(4)[[0, 3, 1, 1, 2]]
+  hn = h.reshape(5, -1) / np.linalg.norm(h.reshape(5, -1), axis=1, keepdims=True)
+  gn = g.reshape(4, -1) / np.linalg.norm(g.reshape(4, -1), axis=1, keepdims=True)
+  want = (1.5 * np.mean((hn @ gn.T - y) ** 2) + 0.5 * np.mean((hn @ hn.T - np.eye(5)) ** 2)
+          + 0.5 * np.mean((gn @ gn.T - np.eye(4)) ** 2))
+  got = normalized_pair_loss(jnp.asarray(h), jnp.asarray(g), jnp.asarray(y), 1.5, 0.5)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_conv_adjoint_kernel_is_the_transpose_map():
+  from ccl_jax import layers
+  from ccl_jax.rules.counter_current import adjoint
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(1, 6, 6, 2)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(1, 6, 6, 5)), jnp.float32)
+  lhs = jnp.sum(layers.conv(x, w) * y)
+  rhs = jnp.sum(x * layers.conv(y, adjoint(w)))  # <Wx, y> = <x, W*y>
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+def test_cnn_ccl_each_pair_trains_only_its_own_layers():
+  r, state, batch = cnn_ccl()
+
+  def term(name):
+    return lambda p: r.losses(p, batch)[1][name]
+
+  expect = {  # pair l trains forward block l and the feedback conv mapping back to pair l
+      'layer_loss/0': {"['feedback']['layer_1']['kernel']"},
+      'layer_loss/1': {"['forward']['layer_1']['kernel']", "['feedback']['layer_2']['kernel']"},
+      'layer_loss/2': {"['forward']['layer_2']['kernel']", "['feedback']['layer_3']['kernel']"},
+      'task_loss': {"['forward']['layer_3']['kernel']"},
+  }
+  for name, want in expect.items():
+    assert nonzero_leaves(jax.grad(term(name))(state.params)) == want, name
+
+
+def test_cnn_ccl_learns_digits(tmp_path):
+  from ccl_jax import config as config_lib, data as data_lib
+  c = config_lib.reference_cnn('digits', 'ccl')
+  c.channels, c.batch_size, c.augment_pad, c.num_epochs = (16, 32, 32), 64, 1, 20
+  c.steps_per_call, c.scan_unroll, c.progress = 0, 1, False
+  for t in ('forward', 'feedback'):
+    c.optimizer[t].warmup_steps = 0
+  final = train.train_and_evaluate(c, str(tmp_path))
+  assert final['test_accuracy'] >= 0.8, final

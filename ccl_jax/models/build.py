@@ -39,4 +39,8 @@ def feedback(config, task):
     return mlp.FeedbackMLP(hidden=tuple(config.hidden), input_dim=math.prod(task.image_shape),
                            activation=config.activation, weight_init=config.init,
                            dtype=compute_dtype(config))
+  if config.model == 'cnn':
+    return cnn.FeedbackCNN(channels=tuple(config.channels), image_shape=tuple(task.image_shape),
+                           activation=config.activation, weight_init=config.init,
+                           dtype=compute_dtype(config))
   raise UserError(f"model '{config.model}' has no feedback twin")

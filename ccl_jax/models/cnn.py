@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,3 +45,50 @@ class CNN(Net):
     out = self.dense(self.num_classes, ACTIVATIONS[self.output_activation],
                      f'layer_{len(self.channels) + 1}')(sg_if(h, self.local))
     return out.astype(jnp.float32), hiddens
+
+
+def block_sizes(image_shape: Sequence[int], blocks: int) -> list[tuple[int, int]]:
+  """Spatial size of the input and of each block's post-pool output ('SAME' 2×2 pools: ceil)."""
+  h, w = image_shape[0], image_shape[1] if len(image_shape) > 1 else 1
+  sizes = [(h, w)]
+  for _ in range(blocks):
+    h, w = -(-h // 2), -(-w // 2)
+    sizes.append((h, w))
+  return sizes
+
+
+class FeedbackCNN(nn.Module):
+  """The CNN's mirror (SPEC §1.2): K → Linear → φ → [nearest upsample → Conv3×3 → φ] per block, the
+  last conv (to the image's channels) linear; every input stop_gradient'd.
+
+  Called on the K×K identity it returns [g_0, ..., g_L]: g_l has the shape of the forward net's
+  post-pool output of block l (g_0: the image's). Feedback layer_l maps pair l back to pair l−1,
+  as in `FeedbackMLP`; layer_{L+1} is the top Linear. Upsampling resizes to the forward map's
+  exact size, so odd sizes (28 → 14 → 7 → 4) mirror too.
+  """
+  channels: Sequence[int]
+  image_shape: Sequence[int]
+  activation: str = 'elu'
+  weight_init: str = 'torch'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, targets: jax.Array) -> list[jax.Array]:
+    act = ACTIVATIONS[self.activation]
+    n = len(self.channels)
+    sizes = block_sizes(self.image_shape, n)
+    widths = [self.image_shape[-1] if len(self.image_shape) == 3 else 1] + list(self.channels)
+    k = targets.shape[0]
+    top = nn.Dense(sizes[n][0] * sizes[n][1] * widths[n], use_bias=False,
+                   kernel_init=kernel_init(self.weight_init), dtype=self.dtype,
+                   name=f'layer_{n + 1}')(jax.lax.stop_gradient(targets))
+    g = act(top).reshape((k,) + sizes[n] + (widths[n],))
+    out = [None] * (n + 1)
+    out[n] = g
+    for l in reversed(range(n)):
+      g = jax.image.resize(jax.lax.stop_gradient(g), (k,) + sizes[l] + (widths[l + 1],), 'nearest')
+      g = nn.Conv(widths[l], (3, 3), padding='SAME', use_bias=False,
+                  kernel_init=kernel_init(self.weight_init), dtype=self.dtype,
+                  name=f'layer_{l + 1}')(g)
+      out[l] = g if l == 0 else act(g)
+    return out

@@ -1,4 +1,4 @@
-"""CCL: counter-current learning with a mirrored feedback net (SPEC §1.1).
+"""CCL: counter-current learning with a mirrored feedback net (SPEC §1.1 MLP, §1.2 CNN).
 
 The forward net runs on the input, the feedback net on the K×K identity (one prototype per class
 and layer). Each pair of activations at the same width is compared by a local loss; every layer's
@@ -33,6 +33,32 @@ def _prototype_grad(h, g, r, scale):
   return (coef * (r.astype(h.dtype).T @ h)).astype(g.dtype)
 
 
+def _unit_rows(x: jax.Array) -> jax.Array:
+  x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+
+def normalized_pair_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, c: float, s: float,
+                         axis_name: str | None = None) -> jax.Array:
+  """The conv nets' pair loss (SPEC §1.2), rows flattened and L2-normalised (Ĥ: batch, Ĝ: K
+  prototypes): c·mean((ĤĜᵀ − Y)²) + s·mean((ĤĤᵀ − I_B)²) + s·mean((ĜĜᵀ − I_K)²).
+
+  Under data parallelism Ĥ's rows are gathered for ĤĤᵀ, so it is the global batch's.
+  """
+  hn, gn = _unit_rows(h), _unit_rows(g)
+  cross = jnp.mean((hn @ gn.T - onehot) ** 2)
+  all_h = jax.lax.all_gather(hn, axis_name, tiled=True) if axis_name else hn
+  self_h = jnp.mean((all_h @ all_h.T - jnp.eye(all_h.shape[0])) ** 2)
+  self_g = jnp.mean((gn @ gn.T - jnp.eye(gn.shape[0])) ** 2)
+  return c * cross + s * (self_h + self_g)
+
+
+def adjoint(w: jax.Array) -> jax.Array:
+  """The kernel of a layer's adjoint map in the feedback layer's layout: dense (in, out) → (out, in);
+  conv (kh, kw, in, out) → spatially flipped (kh, kw, out, in) (stride 1, 'SAME')."""
+  return w.T if w.ndim == 2 else jnp.flip(w, (0, 1)).swapaxes(2, 3)
+
+
 class CounterCurrent(base.Rule):
   name = 'ccl'
 
@@ -40,8 +66,10 @@ class CounterCurrent(base.Rule):
     super().__init__(config, task, axis_name)
     self.model = build.forward(config, task, local=True)
     self.feedback = build.feedback(config, task)
-    # With plain SGD on the feedback tree, its rank-K kernel gradients stay factored (optim.LowRank).
-    self.low_rank = optim.plain_sgd(config.optimizer.feedback)
+    # MLP: raw dot-product pair loss, computed in phases; with plain SGD on the feedback tree its
+    # rank-K kernel gradients stay factored (optim.LowRank). CNN: the normalised pair loss.
+    self.normalized = config.model == 'cnn'
+    self.low_rank = not self.normalized and optim.plain_sgd(config.optimizer.feedback)
     self.feedback_lr = optim.schedule(config.optimizer.feedback, task.total_steps)
 
   def init_params(self, rng, images):
@@ -64,12 +92,16 @@ class CounterCurrent(base.Rule):
     prototypes = self.feedback.apply({'params': params['feedback']},
                                      jnp.eye(self.task.num_classes))  # computed once per step
     onehot = jax.nn.one_hot(y, self.task.num_classes)
-    acts = [x.reshape(x.shape[0], -1)] + hiddens
+    acts = [x] + hiddens
     task = base.task_loss(out, y, self.config.loss)
     metrics = {'task_loss': task, 'accuracy': base.accuracy(out, y)}
     total = task
     for l, (h, g) in enumerate(zip(acts, prototypes)):
-      term = prototype_loss(h, g, onehot, self.config.loss_scale_c)
+      if self.normalized:
+        term = normalized_pair_loss(h, g, onehot, self.config.loss_scale_c,
+                                    self.config.ccl_self_scale, self.axis_name)
+      else:
+        term = prototype_loss(h.reshape(h.shape[0], -1), g, onehot, self.config.loss_scale_c)
       metrics[f'layer_loss/{l}'] = term
       total = total + term
     metrics['loss'] = total
@@ -87,6 +119,9 @@ class CounterCurrent(base.Rule):
     `low_rank` the feedback kernels' gradients come as `optim.LowRank` factors of that value.
     """
     params = state.params
+    if self.normalized:  # conv nets: one gradient of the plain objective
+      grads, metrics = jax.grad(self.losses, has_aux=True)(params, batch)
+      return grads, metrics, state.extra
     x, y = batch['image'], batch['label']
     k = self.task.num_classes
     onehot = jax.nn.one_hot(y, k)
@@ -139,17 +174,18 @@ class CounterCurrent(base.Rule):
   def analyze(self, state, batch):
     """SPEC §1.4: per pair l, cka/pair_l = linear CKA between the forward activations h_l of the
     batch and the feedback activations of their labels (g_l's rows picked by label; pair 0 is
-    the input); per layer, weight_angle/layer_l = ∠(W_l, V_lᵀ) in degrees (V_l: the feedback
-    layer that maps back across W_l) and norm_ratio/layer_l = ‖V_l‖/‖W_l‖."""
+    the input); per layer, weight_angle/layer_l = ∠(W_l's adjoint, V_l) in degrees (V_l: the
+    feedback layer that maps back across W_l; dense: ∠(W_lᵀ, V_l), conv: W_l flipped with its
+    channels swapped) and norm_ratio/layer_l = ‖V_l‖/‖W_l‖."""
     x, y = batch['image'], batch['label']
     forward, feedback = state.params['forward'], state.params['feedback']
     _, hiddens = self.model.apply({'params': forward}, x)
     prototypes = self.feedback.apply({'params': feedback}, jnp.eye(self.task.num_classes))
-    acts = [x.reshape(x.shape[0], -1)] + hiddens
+    acts = [x] + hiddens
     out = {f'cka/pair_{l}': metrics_lib.linear_cka(h, g[y])
            for l, (h, g) in enumerate(zip(acts, prototypes))}
     for name in forward:
       w, v = forward[name]['kernel'], feedback[name]['kernel']
-      out[f'weight_angle/{name}'] = metrics_lib.angle_degrees(w, v.T)
+      out[f'weight_angle/{name}'] = metrics_lib.angle_degrees(adjoint(w), v)
       out[f'norm_ratio/{name}'] = jnp.linalg.norm(v) / jnp.maximum(jnp.linalg.norm(w), 1e-12)
     return out
