@@ -182,18 +182,19 @@ def reference_sigmoid_mlp(dataset: str, rule: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _cnn(dataset: str, rule: str, channels: tuple[int, ...]) -> ml_collections.ConfigDict:
+  c = base()
+  c.rule, c.dataset, c.model, c.channels, c.activation = rule, dataset, 'cnn', channels, 'elu'
+  c.steps_per_call, c.scan_unroll = 8, 0  # inlined steps: XLA:CPU convs are slow inside loops
+  return c
+
+
 def small_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
   """A narrow `cnn_pool` body (SPEC §1.2: 5 × [Conv3×3 → ELU → MaxPool 2] → Dense) for quick
   conv-layer runs of the feedback-weight rules: SGD with momentum, batch 128, 2 epochs."""
-  c = base()
-  c.rule = rule
-  c.dataset = dataset
-  c.model = 'cnn'
-  c.channels = (8, 16, 16, 32, 32)
-  c.activation = 'elu'
+  c = _cnn(dataset, rule, (8, 16, 16, 32, 32))
   c.batch_size = 128
   c.num_epochs = 2
-  c.steps_per_call, c.scan_unroll = 8, 0  # inlined steps: XLA:CPU convs are slow inside loops
   c.optimizer.forward = optimizer(lr=0.02, momentum=0.9, clip=1.0)
   c.optimizer.feedback = optimizer(lr=0.02, momentum=0.9, clip=1.0)  # unused by fa/sign/kp/wm
   return c
@@ -242,16 +243,10 @@ def reference_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
   CCL: SGD lr 1/1, momentum 0.5, wd 1e-6, gradient centralisation, clip 1, batch 128, cosine to
   0.001 over 100 epochs; the reference's 100-step loss warm-up is a 100-step lr warm-up here.
   BP: SGD lr 0.03, momentum 0.5, wd 1e-5, warm-up 200, batch 256, cosine over 100 epochs."""
-  c = base()
-  c.rule = rule
-  c.dataset = dataset
-  c.model = 'cnn'
-  c.channels = (128, 128, 256, 256, 512)
-  c.activation = 'elu'
+  c = _cnn(dataset, rule, (128, 128, 256, 256, 512))
   c.num_epochs = 100
   c.seed = 2023
   c.augment_pad, c.augment_flip, c.augment_padding = 4, True, 'edge'
-  c.steps_per_call, c.scan_unroll = 8, 0  # inlined steps: XLA:CPU convs are slow inside loops
   if rule == 'bp':
     c.batch_size = 256
     opt = optimizer(lr=0.03, momentum=0.5, weight_decay=1e-5, clip=0.0)

@@ -62,16 +62,24 @@ def pool_size(shape: Sequence[int], limit: int) -> tuple[int, int]:
   return kh, kw
 
 
-class Block(nn.Module):
-  """One block and its local heads; returns (output after dropout, {head: value})."""
-  features: int
-  conv: bool
-  num_pred: int             # outputs of the 'pred' head: classes, or the bio label-code size
+class BlockOptions(nn.Module):
+  """Fields every block shares (and the net hands down to its blocks)."""
+  num_pred: int = 10        # outputs of the 'pred' head: classes, or the bio label-code size
   activation: str = 'relu'
   dropout: float = 0.0
   bio: bool = False
   dim_in_decoder: int = 2048
   axis_name: str | None = None
+
+  def options(self) -> dict:
+    return {f: getattr(self, f) for f in BlockOptions.__dataclass_fields__
+            if f not in ('parent', 'name')}
+
+
+class Block(BlockOptions):
+  """One block and its local heads; returns (output after dropout, {head: value})."""
+  features: int = 1
+  conv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, heads: Sequence[str] = ()) -> tuple[jax.Array, dict]:
@@ -117,22 +125,16 @@ class Block(nn.Module):
     return layers.feedback_dense(p, w, fixed) + bias
 
 
-class BlockNet(nn.Module):
+class BlockNet(BlockOptions):
   """Blocks then a linear classifier. `spec`: ints are block widths (Linear blocks unless `conv`),
   'M' a 2×2 max-pool; with `conv`, every int before the last `fc` entries is a Conv3×3 block.
 
   Returns (logits, [each block's head outputs]).
   """
-  spec: Sequence[Any]
-  num_classes: int
+  spec: Sequence[Any] = ()
+  num_classes: int = 10
   conv: bool = False
   fc: Sequence[int] = ()
-  num_pred: int = 10
-  activation: str = 'relu'
-  dropout: float = 0.0
-  bio: bool = False
-  dim_in_decoder: int = 2048
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, local: bool = False,
@@ -144,8 +146,8 @@ class BlockNet(nn.Module):
       if w == 'M':
         h = nn.max_pool(h, (2, 2), strides=(2, 2), padding='SAME')
         continue
-      block = Block(int(w), conv, self.num_pred, self.activation, self.dropout, self.bio,
-                    self.dim_in_decoder, self.axis_name, name=f'block_{len(found) + 1}')
+      block = Block(features=int(w), conv=conv, **self.options(),
+                    name=f'block_{len(found) + 1}')
       h, out = block(sg_if(h, local), train, heads)
       found.append(out)
     h = sg_if(h, local).reshape(h.shape[0], -1)

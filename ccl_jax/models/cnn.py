@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ccl_jax import layers
-from ccl_jax.models.mlp import ACTIVATIONS, Net, kernel_init, sg_if
+from ccl_jax.models.mlp import ACTIVATIONS, FeedbackNet, Net, kernel_init, sg_if
 
 
 class CNN(Net):
@@ -57,7 +57,7 @@ def block_sizes(image_shape: Sequence[int], blocks: int) -> list[tuple[int, int]
   return sizes
 
 
-class FeedbackCNN(nn.Module):
+class FeedbackCNN(FeedbackNet):
   """The CNN's mirror (SPEC §1.2): K → Linear → φ → [nearest upsample → Conv3×3 → φ] per block, the
   last conv (to the image's channels) linear; every input stop_gradient'd.
 
@@ -66,11 +66,8 @@ class FeedbackCNN(nn.Module):
   as in `FeedbackMLP`; layer_{L+1} is the top Linear. Upsampling resizes to the forward map's
   exact size, so odd sizes (28 → 14 → 7 → 4) mirror too.
   """
-  channels: Sequence[int]
-  image_shape: Sequence[int]
-  activation: str = 'elu'
-  weight_init: str = 'torch'
-  dtype: Any = None
+  channels: Sequence[int] = ()
+  image_shape: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, targets: jax.Array) -> list[jax.Array]:

@@ -81,7 +81,14 @@ class MLP(Net):
     return out.astype(jnp.float32), hiddens
 
 
-class FeedbackMLP(nn.Module):
+class FeedbackNet(nn.Module):
+  """Fields the feedback twins (`FeedbackMLP`, `cnn.FeedbackCNN`) share."""
+  activation: str = 'elu'
+  weight_init: str = 'torch'
+  dtype: Any = None
+
+
+class FeedbackMLP(FeedbackNet):
   """The forward MLP's mirror: K → hidden[::-1] → input dim, every input stop_gradient'd.
 
   Called on the K×K identity it returns the class prototypes [g_0, g_1, ..., g_{L-1}], g_l having
@@ -90,11 +97,8 @@ class FeedbackMLP(nn.Module):
   directly than as a K-deep matmul on CPU. Pre-activations are marked `perturb('preact_<l+1>')`
   so the error arriving at each layer can be read (CCL's low-rank feedback gradients).
   """
-  hidden: Sequence[int]
-  input_dim: int
-  activation: str = 'elu'
-  weight_init: str = 'torch'
-  dtype: Any = None
+  hidden: Sequence[int] = ()
+  input_dim: int = 1
 
   @nn.compact
   def __call__(self, targets: jax.Array) -> list[jax.Array]:
