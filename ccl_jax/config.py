@@ -30,7 +30,7 @@ def base() -> ml_collections.ConfigDict:
   c.loss = 'ce'                # 'ce' or 'bce' (summed binary cross-entropy on sigmoid outputs)
   c.init = 'torch'             # 'torch' (U(±1/sqrt(fan_in))) or 'glorot_normal' (N(0, 1/(fan_in+fan_out)))
   c.dataset = 'digits'
-  c.normalize = 'mean_std'     # 'mean_std' (per-channel standardisation) or 'unit' (pixels/255)
+  c.normalize = 'mean_std'     # 'mean_std' (the dataset's per-channel stats), 'imagenet' or 'unit' (pixels/255)
   c.data_dir = ''              # tfds data_dir; '' = tfds default (~/tensorflow_datasets)
   c.cache_dir = '~/.cache/ccl_jax'  # decoded splits are cached here as .npz; '' = no cache
   c.batch_size = 64
@@ -44,6 +44,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 2023
   c.loss_scale_c = 0.5         # CCL: weight of the layer-wise prototype losses
   c.ccl_self_scale = 0.5       # CCL on the CNN: weight s of the ĤĤᵀ and ĜĜᵀ decorrelation terms
+  c.loss_warmup_steps = 0      # CCL on the CNN: the loss scaled by step/N over the first N steps
   # FA / sign symmetry / KP / WM (SPEC §2); the feedback optimizer is not used by these rules.
   c.sign_scale = 0.0           # sign symmetry: B = sign(W)·s; s = this, or mean|W| per layer if 0
   c.kp_decay = 1.0             # KP: κ in W ← κW − η∇W, B ← κB − η∇W (1 = no decay, as the reference)
@@ -97,7 +98,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'output_activation', tuple(mlp.ACTIVATIONS))
   _choice(c, 'init', mlp.INITS)
   _choice(c, 'loss', LOSSES)
-  _choice(c, 'normalize', ('mean_std', 'unit'))
+  _choice(c, 'normalize', ('mean_std', 'unit', 'imagenet'))
+  if int(c.loss_warmup_steps) < 0 or (c.loss_warmup_steps and (c.rule, c.model) != ('ccl', 'cnn')):
+    raise UserError(f'config.loss_warmup_steps={c.loss_warmup_steps} must be >= 0, and is used '
+                    f"by rule 'ccl' on model 'cnn' only")
   _choice(c, 'compute_dtype', ('float32', 'bfloat16'))
   _choice(c, 'augment_padding', ('zero', 'edge'))
   if c.compute_dtype != 'float32' and c.rule not in ('bp', 'ccl'):
@@ -240,13 +244,15 @@ def local_losses(dataset: str, rule: str, model: str = 'mlp', bio: bool = False,
 def reference_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
   """SPEC §1.2: the CCL paper's `cnn_pool` (5 × [Conv3×3 → ELU → MaxPool 2], channels
   128-128-256-256-512, Linear 512→K, no biases), edge-padded crops of 4 and flips on device.
-  CCL: SGD lr 1/1, momentum 0.5, wd 1e-6, gradient centralisation, clip 1, batch 128, cosine to
-  0.001 over 100 epochs; the reference's 100-step loss warm-up is a 100-step lr warm-up here.
-  BP: SGD lr 0.03, momentum 0.5, wd 1e-5, warm-up 200, batch 256, cosine over 100 epochs."""
+  CCL: SGD lr 1/1, momentum 0.5, wd 1e-6, gradient centralisation, clip 1, batch 128, a 100-step
+  loss warm-up, cosine to 0.001 over 100 epochs (per step, not per epoch). BP: SGD lr 0.03,
+  momentum 0.5, wd 1e-5, lr warm-up 200, batch 256, cosine over 100 epochs. ImageNet mean/std
+  normalisation. Not implemented: the reference's optional `filter_target`."""
   c = _cnn(dataset, rule, (128, 128, 256, 256, 512))
   c.num_epochs = 100
   c.seed = 2023
   c.augment_pad, c.augment_flip, c.augment_padding = 4, True, 'edge'
+  c.normalize = 'imagenet'
   if rule == 'bp':
     c.batch_size = 256
     opt = optimizer(lr=0.03, momentum=0.5, weight_decay=1e-5, clip=0.0)
@@ -254,8 +260,9 @@ def reference_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
   else:
     c.batch_size = 128
     c.loss_scale_c = 1.0
+    c.loss_warmup_steps = 100
     opt = optimizer(lr=1.0, momentum=0.5, weight_decay=1e-6, clip=1.0)
-    opt.warmup_steps, opt.grad_centralization = 100, True
+    opt.grad_centralization = True
   opt.schedule, opt.min_lr = 'cosine', 0.001 if rule != 'bp' else 0.0
   c.optimizer.forward = opt
   c.optimizer.feedback = ml_collections.ConfigDict(opt.to_dict())

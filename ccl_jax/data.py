@@ -107,10 +107,18 @@ def _cached(name: str, split: str, data_dir: str, cache_dir: str) -> Split:
   return s
 
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 def _normalise(s: Split, mean, std, how: str = 'mean_std') -> Split:
-  """pixels/255, then (for 'mean_std') per-channel standardisation; 'unit' stops at pixels/255."""
+  """pixels/255, then per-channel standardisation with the dataset's statistics ('mean_std') or
+  ImageNet's ('imagenet', RGB only); 'unit' stops at pixels/255."""
   x = s.images.astype(np.float32) / 255.0
-  if how == 'mean_std':
+  if how == 'imagenet':
+    if x.shape[-1] != 3:
+      raise UserError(f"config.normalize='imagenet' needs RGB images, not {x.shape[-1]} channel(s)")
+    mean, std = IMAGENET
+  if how in ('mean_std', 'imagenet'):
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
   return Split(x, s.labels)
 
@@ -120,6 +128,8 @@ def load(config) -> Dataset:
   name = config.dataset
   how = config.get('normalize', 'mean_std')
   if name == 'digits':
+    if how == 'imagenet':
+      raise UserError("config.normalize='imagenet' needs RGB images; digits are grey")
     train, test, k = _digits(standardise=how == 'mean_std')
   elif name in TFDS:
     tfds_name, mean, std, k = TFDS[name]

@@ -108,7 +108,13 @@ def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
   x = x.reshape(x.shape[0], -1).astype(jnp.float32)
   y = y.reshape(y.shape[0], -1).astype(jnp.float32)
   x, y = x - x.mean(0), y - y.mean(0)
-  dot = lambda a, b: jnp.einsum('ni,nj->ij', a, b, precision='highest')
-  num = jnp.sum(dot(y, x) ** 2)
-  den = jnp.linalg.norm(dot(x, x)) * jnp.linalg.norm(dot(y, y))
+  n, p, q = x.shape[0], x.shape[1], y.shape[1]
+  if n * (p + q) < p * p + q * q + p * q:  # wide features (conv maps): the n×n Gram form
+    gram = lambda a: jnp.einsum('ni,mi->nm', a, a, precision='highest')
+    k, l = gram(x), gram(y)
+    num, den = jnp.sum(k * l), jnp.linalg.norm(k) * jnp.linalg.norm(l)
+  else:
+    dot = lambda a, b: jnp.einsum('ni,nj->ij', a, b, precision='highest')
+    num = jnp.sum(dot(y, x) ** 2)
+    den = jnp.linalg.norm(dot(x, x)) * jnp.linalg.norm(dot(y, y))
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)

@@ -38,7 +38,7 @@ def centralize_gradients() -> optax.GradientTransformation:
 
 
 def make(c, total_steps: int) -> optax.GradientTransformation:
-  """clip → (centralise) → weight decay → SGD/Adam: decay is added before the lr scaling."""
+  """(centralise) → clip → weight decay → SGD/Adam: decay is added before the lr scaling."""
   parts = []
   if c.get('grad_centralization', False):
     parts.append(centralize_gradients())

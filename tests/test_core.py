@@ -302,7 +302,39 @@ def test_cnn_ccl_learns_digits(tmp_path):
   c = config_lib.reference_cnn('digits', 'ccl')
   c.channels, c.batch_size, c.augment_pad, c.num_epochs = (16, 32, 32), 64, 1, 20
   c.steps_per_call, c.scan_unroll, c.progress = 0, 1, False
-  for t in ('forward', 'feedback'):
-    c.optimizer[t].warmup_steps = 0
+  c.normalize, c.loss_warmup_steps = 'mean_std', 0  # grey digits; a 400-step run
   final = train.train_and_evaluate(c, str(tmp_path))
   assert final['test_accuracy'] >= 0.8, final
+
+
+def test_cnn_ccl_analyze_pairs_each_conv_with_its_feedback_conv():
+  from ccl_jax.rules.counter_current import adjoint
+  r, state, batch = cnn_ccl()
+  forward = state.params['forward']
+  mirrored = {n: {'kernel': adjoint(forward[n]['kernel'])} for n in forward}
+  out = r.analyze(state.replace(params={'forward': forward, 'feedback': mirrored}), batch)
+  for n in forward:
+    np.testing.assert_allclose(out[f'weight_angle/{n}'], 0.0, atol=0.1)
+  assert 0 < float(out['cka/pair_1']) <= 1
+
+
+def test_cnn_ccl_loss_warmup_scales_the_first_gradients():
+  r0, state, batch = cnn_ccl()
+  r4 = cnn_ccl(loss_warmup_steps=4)[0]
+  g0 = r0.loss_and_grads(state, batch, None)[0]
+  for step, scale in ((0, 0.25), (2, 0.75), (7, 1.0)):
+    g = r4.loss_and_grads(state.replace(step=jnp.asarray(step, jnp.int32)), batch, None)[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, scale * b, rtol=1e-5, atol=1e-8), g, g0)
+
+
+def test_reference_cnn_configs_follow_the_paper():
+  from ccl_jax import config as config_lib
+  c = load_config('cifar10_ccl')
+  o = c.optimizer.forward
+  assert (c.model, c.channels, c.batch_size, c.num_epochs) == ('cnn', (128, 128, 256, 256, 512), 128, 100)
+  assert (o.lr, o.momentum, o.weight_decay, o.grad_centralization, o.schedule, o.min_lr) == (
+      1.0, 0.5, 1e-6, True, 'cosine', 0.001)
+  assert (c.loss_scale_c, c.ccl_self_scale, c.loss_warmup_steps) == (1.0, 0.5, 100)
+  assert (c.augment_pad, c.augment_flip, c.augment_padding, c.normalize) == (4, True, 'edge', 'imagenet')
+  assert c.optimizer.feedback.to_dict() == o.to_dict()
+  config_lib.validate(c)

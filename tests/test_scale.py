@@ -200,3 +200,15 @@ def test_two_processes_match_one(mode, tmp_path):
   assert abs(a['test_accuracy'] - b['test_accuracy']) <= 0.01, (a, b)
   np.testing.assert_allclose(a['best_val_loss'], b['best_val_loss'], rtol=1e-3)
   assert len((tmp_path / 'multi' / 'metrics.jsonl').read_text().splitlines()) == 3  # one writer
+
+
+def test_keys_added_to_the_package_keep_old_checkpoints_resumable():
+  from ccl_jax import config as config_lib
+  from ccl_jax.checkpoint import changed_keys, config_to_json
+  now = config_to_json(config_lib.base())
+  old = {k: v for k, v in now.items() if k not in ('dropout', 'loss_warmup_steps')}
+  old['optimizer'] = {t: {k: v for k, v in o.items() if k != 'milestones'}
+                      for t, o in now['optimizer'].items()}
+  assert changed_keys(old, now) == []
+  assert changed_keys(old, {**now, 'dropout': 0.3}) == ['dropout']
+  assert changed_keys(now, {**now, 'seed': 1}) == ['seed']

@@ -34,8 +34,9 @@ def _prototype_grad(h, g, r, scale):
 
 
 def _unit_rows(x: jax.Array) -> jax.Array:
+  """Rows flattened and L2-normalised (norm floored at 1e-8; a zero row stays zero, finite grad)."""
   x = x.reshape(x.shape[0], -1).astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=1, keepdims=True), 1e-16))
 
 
 def normalized_pair_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, c: float, s: float,
@@ -121,6 +122,10 @@ class CounterCurrent(base.Rule):
     params = state.params
     if self.normalized:  # conv nets: one gradient of the plain objective
       grads, metrics = jax.grad(self.losses, has_aux=True)(params, batch)
+      warm = int(self.config.loss_warmup_steps)
+      if warm:  # the loss (so every gradient) scaled by step/warm over the first `warm` steps
+        scale = jnp.minimum(1.0, (state.step + 1).astype(jnp.float32) / warm)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
       return grads, metrics, state.extra
     x, y = batch['image'], batch['label']
     k = self.task.num_classes
