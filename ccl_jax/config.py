@@ -45,6 +45,7 @@ def base() -> ml_collections.ConfigDict:
   c.loss_scale_c = 0.5         # CCL: weight of the layer-wise prototype losses
   c.ccl_self_scale = 0.5       # CCL on the CNN: weight s of the ĤĤᵀ and ĜĜᵀ decorrelation terms
   c.loss_warmup_steps = 0      # CCL on the CNN: the loss scaled by step/N over the first N steps
+  c.ccl_filter_target = 0.0    # CCL on the CNN: samples with p(true) above this skip the pair losses (0 = off)
   # FA / sign symmetry / KP / WM (SPEC §2); the feedback optimizer is not used by these rules.
   c.sign_scale = 0.0           # sign symmetry: B = sign(W)·s; s = this, or mean|W| per layer if 0
   c.kp_decay = 1.0             # KP: κ in W ← κW − η∇W, B ← κB − η∇W (1 = no decay, as the reference)
@@ -102,6 +103,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if int(c.loss_warmup_steps) < 0 or (c.loss_warmup_steps and (c.rule, c.model) != ('ccl', 'cnn')):
     raise UserError(f'config.loss_warmup_steps={c.loss_warmup_steps} must be >= 0, and is used '
                     f"by rule 'ccl' on model 'cnn' only")
+  if not 0.0 <= c.ccl_filter_target < 1.0 or (c.ccl_filter_target
+                                             and (c.rule, c.model) != ('ccl', 'cnn')):
+    raise UserError(f'config.ccl_filter_target={c.ccl_filter_target} must be in [0, 1), and is '
+                    f"used by rule 'ccl' on model 'cnn' only")
   _choice(c, 'compute_dtype', ('float32', 'bfloat16'))
   _choice(c, 'augment_padding', ('zero', 'edge'))
   if c.compute_dtype != 'float32' and c.rule not in ('bp', 'ccl'):
@@ -247,7 +252,7 @@ def reference_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
   CCL: SGD lr 1/1, momentum 0.5, wd 1e-6, gradient centralisation, clip 1, batch 128, a 100-step
   loss warm-up, cosine to 0.001 over 100 epochs (per step, not per epoch). BP: SGD lr 0.03,
   momentum 0.5, wd 1e-5, lr warm-up 200, batch 256, cosine over 100 epochs. ImageNet mean/std
-  normalisation. Not implemented: the reference's optional `filter_target`."""
+  normalisation. The reference's optional `filter_target` is `ccl_filter_target` (off)."""
   c = _cnn(dataset, rule, (128, 128, 256, 256, 512))
   c.num_epochs = 100
   c.seed = 2023

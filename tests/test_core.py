@@ -338,3 +338,16 @@ def test_reference_cnn_configs_follow_the_paper():
   assert (c.augment_pad, c.augment_flip, c.augment_padding, c.normalize) == (4, True, 'edge', 'imagenet')
   assert c.optimizer.feedback.to_dict() == o.to_dict()
   config_lib.validate(c)
+
+
+def test_filtered_pair_loss_is_the_loss_of_the_kept_rows():
+  from ccl_jax.rules.counter_current import normalized_pair_loss
+  rng = np.random.default_rng(2)
+  h, g = jnp.asarray(rng.normal(size=(6, 5))), jnp.asarray(rng.normal(size=(3, 5)))
+  y = jax.nn.one_hot(jnp.array([0, 1, 2, 2, 1, 0]), 3)
+  keep = jnp.array([1, 0, 1, 1, 0, 1], bool)
+  got = normalized_pair_loss(h, g, y, 1.0, 0.5, keep=keep)
+  want = normalized_pair_loss(h[keep], g, y[keep], 1.0, 0.5)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(normalized_pair_loss(h, g, y, 1.0, 0.5, keep=jnp.ones(6, bool)),
+                             normalized_pair_loss(h, g, y, 1.0, 0.5), rtol=1e-6)

@@ -43,7 +43,8 @@ def test_pmap_shard_map_and_single_device_agree_for_every_rule():
   cases = [(rule, {}) for rule in rules.names()] + [
       ('predsim', {'model': 'vgg8b', 'feat_mult': 1 / 32}),  # conv BN, per-channel-std similarity
       ('predsim', {'bio': True}),
-      ('ccl', {'model': 'cnn', 'channels': (4, 8)})]  # the gathered ĤĤᵀ term
+      ('ccl', {'model': 'cnn', 'channels': (4, 8)}),  # the gathered ĤĤᵀ term
+      ('ccl', {'model': 'cnn', 'channels': (4, 8), 'ccl_filter_target': 0.1})]  # rows masked
   for rule, extra in cases:
     # No clipping: clipping would normalise away a wrong (summed) gradient average.
     config = load_config('default', rule=rule, hidden=(32, 16), batch_size=32, wm_init_steps=2,

@@ -40,16 +40,27 @@ def _unit_rows(x: jax.Array) -> jax.Array:
 
 
 def normalized_pair_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, c: float, s: float,
-                         axis_name: str | None = None) -> jax.Array:
+                         axis_name: str | None = None, keep: jax.Array | None = None) -> jax.Array:
   """The conv nets' pair loss (SPEC §1.2), rows flattened and L2-normalised (Ĥ: batch, Ĝ: K
   prototypes): c·mean((ĤĜᵀ − Y)²) + s·mean((ĤĤᵀ − I_B)²) + s·mean((ĜĜᵀ − I_K)²).
 
-  Under data parallelism Ĥ's rows are gathered for ĤĤᵀ, so it is the global batch's.
+  `keep` (B,) in {0, 1} restricts the batch terms to the kept rows, as if the others were not in
+  the batch (`filter_target`). Under data parallelism Ĥ's rows (and `keep`) are gathered for ĤĤᵀ,
+  so it is the global batch's.
   """
   hn, gn = _unit_rows(h), _unit_rows(g)
-  cross = jnp.mean((hn @ gn.T - onehot) ** 2)
-  all_h = jax.lax.all_gather(hn, axis_name, tiled=True) if axis_name else hn
-  self_h = jnp.mean((all_h @ all_h.T - jnp.eye(all_h.shape[0])) ** 2)
+  keep = jnp.ones(hn.shape[0], jnp.float32) if keep is None else keep.astype(jnp.float32)
+  gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True) if axis_name else x
+  local_rows = jnp.sum(keep)
+  rows = jax.lax.psum(local_rows, axis_name) if axis_name else local_rows
+  n_dev = jax.lax.psum(1, axis_name) if axis_name else 1
+  # Per device: its kept rows' share of the global mean, × devices (the caller's pmean undoes it).
+  cross = jnp.sum(keep[:, None] * (hn @ gn.T - onehot) ** 2) * n_dev / (
+      jnp.maximum(rows, 1.0) * onehot.shape[-1])
+  all_h, all_keep = gather(hn), gather(keep)
+  pair = all_keep[:, None] * all_keep[None, :]
+  self_h = jnp.sum(pair * (all_h @ all_h.T - jnp.eye(all_h.shape[0])) ** 2) / jnp.maximum(
+      rows * rows, 1.0)
   self_g = jnp.mean((gn @ gn.T - jnp.eye(gn.shape[0])) ** 2)
   return c * cross + s * (self_h + self_g)
 
@@ -96,11 +107,16 @@ class CounterCurrent(base.Rule):
     acts = [x] + hiddens
     task = base.task_loss(out, y, self.config.loss)
     metrics = {'task_loss': task, 'accuracy': base.accuracy(out, y)}
+    keep, threshold = None, float(self.config.ccl_filter_target)
+    if threshold:  # samples already classified with p(true class) > threshold leave the pair losses
+      p_true = jnp.take_along_axis(jax.nn.softmax(jax.lax.stop_gradient(out)), y[:, None], 1)[:, 0]
+      keep = p_true <= threshold
+      metrics['kept_fraction'] = jnp.mean(keep.astype(jnp.float32))
     total = task
     for l, (h, g) in enumerate(zip(acts, prototypes)):
       if self.normalized:
         term = normalized_pair_loss(h, g, onehot, self.config.loss_scale_c,
-                                    self.config.ccl_self_scale, self.axis_name)
+                                    self.config.ccl_self_scale, self.axis_name, keep)
       else:
         term = prototype_loss(h.reshape(h.shape[0], -1), g, onehot, self.config.loss_scale_c)
       metrics[f'layer_loss/{l}'] = term
