@@ -151,8 +151,6 @@ def changed_keys(saved: dict, now: dict) -> list[str]:
   from ccl_jax import config as config_lib  # late import: config imports nothing from here
   a, b = _flat(saved), _flat(now)
   defaults = _flat(config_to_json(config_lib.base()))
-  defaults.update({f'optimizer.{t}.{k}': v for t in ('forward', 'feedback')
-                   for k, v in config_to_json(config_lib.optimizer()).items()})
   missing = lambda k: k not in a and k in defaults and b.get(k) == defaults[k]
   return sorted(k for k in set(a) | set(b)
                 if k.split('.')[0] not in RUN_CONTROL_KEYS and a.get(k) != b.get(k)

@@ -235,7 +235,7 @@ def local_losses(dataset: str, rule: str, model: str = 'mlp', bio: bool = False,
   cifar = dataset.startswith('cifar')
   c.dropout = 0.05 if bio else 0.2 if cifar and model != 'mlp' else 0.1
   wide = feat_mult > 1
-  c.augment_pad = 2 if dataset in ('mnist', 'fashion_mnist') else 4 if dataset.startswith('cifar') else 0
+  c.augment_pad = 2 if dataset in ('mnist', 'fashion_mnist') else 4 if cifar else 0
   c.augment_flip = dataset in ('fashion_mnist', 'cifar10', 'cifar100')
   c.optimizer.forward = optimizer(name='adam', lr=3e-4 if wide else 5e-4, clip=0.0)
   c.optimizer.forward.schedule = 'step'

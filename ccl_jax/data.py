@@ -7,6 +7,7 @@ labels (N,) int32. Batches are drawn on the device by index (see `train.epoch_in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 
@@ -182,5 +183,4 @@ def augmenter(config):
   pad, flip = int(config.augment_pad), bool(config.augment_flip)
   if not pad and not flip:
     return None
-  import functools
   return functools.partial(augment, pad=pad, flip=flip, padding=config.augment_padding)

@@ -101,6 +101,15 @@ def delta_angles(model, forward: PyTree, feedback: PyTree, images: jax.Array,
   return {f'delta_angle/{layer_name(p)}': angle_degrees(rule[p], bp[p]) for p in paths}
 
 
+def unit_rows(x: jax.Array, centre: bool = False) -> jax.Array:
+  """Rows flattened to float32 (centred first if `centre`) and L2-normalised; the norm is floored
+  at 1e-8, so a zero row stays zero with a finite gradient."""
+  x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+  if centre:
+    x = x - x.mean(axis=1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=1, keepdims=True), 1e-16))
+
+
 def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
   """Linear CKA of two representations of the same n examples, x (n, p) and y (n, q):
   ‖ỹᵀx̃‖²_F / (‖x̃ᵀx̃‖_F ‖ỹᵀỹ‖_F) with columns centred; in [0, 1], invariant to rotations and

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccl_jax import data, rules, train
+from ccl_jax.rules import local_losses
 from ccl_jax.rules.base import Task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,17 +44,6 @@ def load_config(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def timed(fn, *args, repeats: int) -> list[float]:
-  """Wall times of `fn(*args)` after one warm-up call, each waited on with block_until_ready."""
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    out.append(time.perf_counter() - t0)
-  return out
 
 
 def matmul(n: int = 2048):
@@ -186,15 +176,13 @@ def network(config) -> str:
   return f'{config.model} ×{config.feat_mult:g}'
 
 
-BASELINE = {'global': 'global', 'pred': 'global', 'sim': 'global', 'predsim': 'global'}
-
-
 def add_bp_ratios(rows: list[dict]) -> None:
   """step_over_bp: each row's step time over backprop's on the same network and batch, in this
   run: rule 'bp', or for the local-loss rules 'global' (backprop through the same block net)."""
   base = {(r['rule'], r['network'], r['dataset'], r['batch']): r['step_ms'] for r in rows}
   for r in rows:
-    key = (BASELINE.get(r['rule'], 'bp'), r['network'], r['dataset'], r['batch'])
+    baseline = 'global' if r['rule'] in local_losses.VARIANTS else 'bp'
+    key = (baseline, r['network'], r['dataset'], r['batch'])
     r['step_over_bp'] = r['step_ms'] / base.get(key, float('nan'))
 
 

@@ -13,13 +13,13 @@ the unbiased one: a factor B/(B−1) apart).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccl_jax import layers
+from ccl_jax import layers, metrics
 from ccl_jax.models.mlp import ACTIVATIONS, kernel_init, sg_if
 
 # Conv widths and 2×2 max-pools ('M') of the VGG bodies; one FC block follows, then the classifier.
@@ -28,7 +28,6 @@ VGG = {
     'vgg11b': (128, 128, 128, 256, 'M', 256, 512, 'M', 512, 512, 'M', 512, 'M'),
 }
 VGG_FC = 1024
-HEADS = ('pred', 'sim')
 
 
 def similarity(a: jax.Array, axis_name: str | None = None) -> jax.Array:
@@ -41,9 +40,7 @@ def similarity(a: jax.Array, axis_name: str | None = None) -> jax.Array:
   a = a.astype(jnp.float32)
   if a.ndim == 4 and a.shape[1] * a.shape[2] > 1:
     a = jnp.std(a, axis=(1, 2), ddof=1)
-  a = a.reshape(a.shape[0], -1)
-  a = a - a.mean(axis=1, keepdims=True)
-  a = a * jax.lax.rsqrt(jnp.sum(a * a, axis=1, keepdims=True) + 1e-16)  # finite at a zero row
+  a = metrics.unit_rows(a, centre=True)
   if axis_name:
     a = jax.lax.all_gather(a, axis_name, tiled=True)
   return jnp.clip(a @ a.T, -1.0, 1.0)
@@ -83,13 +80,8 @@ class Block(BlockOptions):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, heads: Sequence[str] = ()) -> tuple[jax.Array, dict]:
-    init = kernel_init('torch')
-    if self.conv:
-      z = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False, kernel_init=init,
-                  name='conv')(x)
-    else:
-      z = nn.Dense(self.features, use_bias=False, kernel_init=init, name='dense')(
-          x.reshape(x.shape[0], -1))
+    z = self.linear('conv' if self.conv else 'dense')(
+        x if self.conv else x.reshape(x.shape[0], -1))
     z = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      axis_name=self.axis_name if train else None, name='bn')(z)
     h = ACTIVATIONS[self.activation](z)
@@ -104,15 +96,19 @@ class Block(BlockOptions):
     if 'sim' in heads:
       if self.bio:  # bio: the block's own (pooled) output, no extra learned layer
         s = pooled
-      elif self.conv:
-        s = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False, kernel_init=init,
-                    name='sim')(h)
       else:
-        s = nn.Dense(self.features, use_bias=False, kernel_init=init, name='sim')(h)
+        s = self.linear('sim')(h)
       out['sim'] = similarity(s, self.axis_name if train else None)
     drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2) if self.conv else (),
                       deterministic=not train or not self.dropout)  # conv: whole channels
     return drop(h), out
+
+  def linear(self, name: str) -> nn.Module:
+    """The block's kind of layer at its width, no bias: Conv3×3 'SAME' or Dense."""
+    if self.conv:
+      return nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False,
+                     kernel_init=kernel_init('torch'), name=name)
+    return nn.Dense(self.features, use_bias=False, kernel_init=kernel_init('torch'), name=name)
 
   def pred_head(self, p: jax.Array) -> jax.Array:
     shape = (p.shape[-1], self.num_pred)

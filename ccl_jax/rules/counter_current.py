@@ -33,12 +33,6 @@ def _prototype_grad(h, g, r, scale):
   return (coef * (r.astype(h.dtype).T @ h)).astype(g.dtype)
 
 
-def _unit_rows(x: jax.Array) -> jax.Array:
-  """Rows flattened and L2-normalised (norm floored at 1e-8; a zero row stays zero, finite grad)."""
-  x = x.reshape(x.shape[0], -1).astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=1, keepdims=True), 1e-16))
-
-
 def normalized_pair_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, c: float, s: float,
                          axis_name: str | None = None, keep: jax.Array | None = None) -> jax.Array:
   """The conv nets' pair loss (SPEC §1.2), rows flattened and L2-normalised (Ĥ: batch, Ĝ: K
@@ -48,7 +42,7 @@ def normalized_pair_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, c: float
   the batch (`filter_target`). Under data parallelism Ĥ's rows (and `keep`) are gathered for ĤĤᵀ,
   so it is the global batch's.
   """
-  hn, gn = _unit_rows(h), _unit_rows(g)
+  hn, gn = metrics_lib.unit_rows(h), metrics_lib.unit_rows(g)
   keep = jnp.ones(hn.shape[0], jnp.float32) if keep is None else keep.astype(jnp.float32)
   gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True) if axis_name else x
   local_rows = jnp.sum(keep)
@@ -205,8 +199,6 @@ class CounterCurrent(base.Rule):
     acts = [x] + hiddens
     out = {f'cka/pair_{l}': metrics_lib.linear_cka(h, g[y])
            for l, (h, g) in enumerate(zip(acts, prototypes))}
-    for name in forward:
-      w, v = forward[name]['kernel'], feedback[name]['kernel']
-      out[f'weight_angle/{name}'] = metrics_lib.angle_degrees(adjoint(w), v)
-      out[f'norm_ratio/{name}'] = jnp.linalg.norm(v) / jnp.maximum(jnp.linalg.norm(w), 1e-12)
+    adjoints = {n: {'kernel': adjoint(p['kernel'])} for n, p in forward.items()}
+    out.update(metrics_lib.weight_metrics(adjoints, feedback))  # ‖adjoint(W)‖ = ‖W‖
     return out

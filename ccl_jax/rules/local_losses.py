@@ -93,7 +93,7 @@ class LocalLosses(base.Rule):
           parts['pred'] = optax.sigmoid_binary_cross_entropy(
               out['pred'], (codes > 0).astype(jnp.float32)).mean()
         else:
-          parts['pred'] = optax.softmax_cross_entropy_with_integer_labels(out['pred'], labels).mean()
+          parts['pred'] = base.task_loss(out['pred'], labels, 'ce')
       if 'sim' in out:
         parts['sim'] = jnp.mean((out['sim'] - target_sim) ** 2)
       if len(parts) == 2:
