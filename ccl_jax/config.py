@@ -1,274 +1,345 @@
-"""Shared config defaults and validation; every `configs/*.py` starts from `base()`."""
+"""The config every run starts from, and the machinery that lets each module own its settings.
+
+A config has a few top-level keys every run has (`SETTINGS` below), the two optimizer blocks, and
+one section per rule, model and the data pipeline, each declared, documented and validated by the
+module that uses it (`rules/*.py`, `models/*.py`, `data.py` export a `SETTINGS` dict of
+`Setting`s; the registries say which section belongs to which name). `base()` holds every
+section, so `--config.<section>.<key>=value` works whatever rule or model a run picks;
+`finalize()` validates and keeps only the sections the run uses. This module names no rule,
+model or dataset.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
 from ccl_jax.errors import UserError
 
 
-def optimizer(lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
-              clip: float = 1.0, name: str = 'sgd') -> ml_collections.ConfigDict:
-  """One tree's optimizer settings (see `optim.make`)."""
-  return ml_collections.ConfigDict(dict(
-      name=name, lr=lr, momentum=momentum, weight_decay=weight_decay, clip=clip,
-      warmup_steps=0, schedule='constant', min_lr=0.0, b1=0.9, b2=0.999,
-      milestones=(0.5, 0.75, 0.89, 0.94), decay_factor=0.25,
-      grad_centralization=False))
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One config key: its default, a one-line doc, and what values it accepts."""
+
+  default: Any
+  doc: str
+  choices: tuple | None = None
+  check: Callable[[Any], bool] | None = None
+  must: str = ''  # what `check` demands, for the error message ('>= 0')
+
+
+def positive(doc: str, default: Any) -> Setting:
+  return Setting(default, doc, check=lambda v: v > 0, must='> 0')
+
+
+def non_negative(doc: str, default: Any) -> Setting:
+  return Setting(default, doc, check=lambda v: v >= 0, must='>= 0')
+
+
+def fraction(doc: str, default: float, closed: bool = False) -> Setting:
+  if closed:
+    return Setting(default, doc, check=lambda v: 0 <= v <= 1, must='in [0, 1]')
+  return Setting(default, doc, check=lambda v: 0 <= v < 1, must='in [0, 1)')
+
+
+def widths(doc: str, default: tuple[int, ...]) -> Setting:
+  return Setting(
+    default,
+    doc,
+    check=lambda v: len(v) > 0 and all(int(w) > 0 for w in v),
+    must='a non-empty list of positive widths',
+  )
+
+
+def section(settings: dict[str, Setting]) -> ml_collections.ConfigDict:
+  """A ConfigDict of the settings' defaults."""
+  return ml_collections.ConfigDict({k: s.default for k, s in settings.items()})
+
+
+def check(prefix: str, values, settings: dict[str, Setting]) -> None:
+  """Raises UserError naming the first value of `values` its `Setting` refuses."""
+  for key, s in settings.items():
+    v = values[key]
+    if s.choices is not None and v not in s.choices:
+      raise UserError(f'config.{prefix}{key}={v!r} is not one of {", ".join(map(str, s.choices))}')
+    try:
+      ok = s.check is None or bool(s.check(v))
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise UserError(f'config.{prefix}{key}={v!r} must be {s.must}')
+
+
+# -- the keys every run has ---------------------------------------------------------------------
+SETTINGS = {
+  'rule': Setting('', 'learning rule (see `rules.REGISTRY`); its settings: config.<rule>.*'),
+  'model': Setting('', 'network (see `models.REGISTRY`); its settings: config.<model>.*'),
+  'dataset': Setting('digits', "dataset: 'digits' (built in) or a prepared tfds dataset"),
+  'data_dir': Setting('', "tfds data_dir; '' = $CCL_JAX_DATA_DIR or ~/tensorflow_datasets"),
+  'train_subset': non_negative('use only the first N training examples; 0 = all', 0),
+  'loss': Setting(
+    'ce',
+    "task loss: 'ce' (softmax cross-entropy) or 'bce' (summed binary CE on sigmoid outputs)",
+    choices=('ce', 'bce'),
+  ),
+  'batch_size': positive('global batch size (split over devices)', 64),
+  'num_epochs': positive('training epochs', 20),
+  'seed': Setting(
+    2023,
+    'seed of the init, the data order and every random stream',
+    check=lambda v: 0 <= int(v) < 2**32,
+    must='in [0, 2**32)',
+  ),
+  'parallel': Setting(
+    'none', 'data parallelism over all devices', choices=('none', 'pmap', 'shard_map')
+  ),
+  'steps_per_call': non_negative('training steps fused into one compiled call; 0 = an epoch', 0),
+  'scan_unroll': non_negative(
+    'lax.scan unroll of those steps; 0 = inline them all (conv nets on CPU)', 1
+  ),
+  'compute_dtype': Setting(
+    'float32',
+    "'bfloat16': bf16 matmuls, float32 parameters (rules that support it, on accelerators)",
+    choices=('float32', 'bfloat16'),
+  ),
+  'eval_batch_size': positive('batch size of evaluation', 1000),
+  'analysis_batch_size': positive('batch of the alignment metrics at each evaluation', 256),
+  'checkpoint_every_epochs': positive('checkpoint every N epochs (and at the end)', 1),
+  'checkpoint_every_steps': non_negative('also checkpoint mid-epoch every N steps; 0 = off', 0),
+  'keep_checkpoints': positive('newest checkpoints kept', 2),
+  'force_retrain': Setting(
+    False,
+    'start over in a workdir whose run is finished or was made by '
+    'another config (its files are moved aside)',
+  ),
+  'resume_override': Setting(
+    '',
+    'comma-separated keys allowed to differ from the checkpoint '
+    "being resumed: 'num_epochs' and optimizer.<tree>.<lr|schedule|"
+    "...>, e.g. 'optimizer.forward.lr'",
+  ),
+  'progress': Setting(True, 'progress bar on a terminal'),
+}
+
+
+def registries() -> tuple[dict, dict, dict]:
+  """{section name: settings} of the rules, the models and the data pipeline, and which section
+  each rule and model name uses."""
+  from ccl_jax import data, models, optim, rules  # late imports: they import this module
+
+  sections, owner = {}, {}
+  for kind, registry in (('rule', rules.REGISTRY), ('model', models.REGISTRY)):
+    for name, module in registry.items():
+      if getattr(module, 'SETTINGS', None):
+        sec = getattr(module, 'SECTION', name)
+        sections[sec] = module.SETTINGS
+        owner[(kind, name)] = sec
+  sections['data'] = data.SETTINGS
+  return sections, owner, optim.SETTINGS
 
 
 def base() -> ml_collections.ConfigDict:
-  """Defaults shared by all experiments: the CCL MLP on the embedded digits set."""
-  c = ml_collections.ConfigDict()
-  c.rule = 'ccl'
-  c.model = 'mlp'
-  c.hidden = (256, 256)        # hidden widths of the MLP
-  c.channels = (128, 128, 256, 256, 512)  # conv widths of model='cnn' (one block per entry)
-  c.use_bias = False           # biases in the MLP / CNN layers
-  c.activation = 'elu'
-  c.output_activation = 'none'  # 'sigmoid' for the weight-transport reference MLP
-  c.loss = 'ce'                # 'ce' or 'bce' (summed binary cross-entropy on sigmoid outputs)
-  c.init = 'torch'             # 'torch' (U(±1/sqrt(fan_in))) or 'glorot_normal' (N(0, 1/(fan_in+fan_out)))
-  c.dataset = 'digits'
-  c.normalize = 'mean_std'     # 'mean_std' (the dataset's per-channel stats), 'imagenet' or 'unit' (pixels/255)
-  c.data_dir = ''              # tfds data_dir; '' = tfds default (~/tensorflow_datasets)
-  c.cache_dir = '~/.cache/ccl_jax'  # decoded splits are cached here as .npz; '' = no cache
-  c.batch_size = 64
-  c.num_epochs = 20
-  c.train_subset = 0           # use only the first N training examples; 0 = all
-  c.augment_pad = 0            # on-device random crop: pad each side by this, crop back (0 = off)
-  c.augment_flip = False       # on-device random horizontal flip
-  c.augment_padding = 'zero'   # crop padding: 'zero' (the channel mean) or 'edge'
-  c.val_fraction = 0.1
-  c.shuffle = True
-  c.seed = 2023
-  c.loss_scale_c = 0.5         # CCL: weight of the layer-wise prototype losses
-  c.ccl_self_scale = 0.5       # CCL on the CNN: weight s of the ĤĤᵀ and ĜĜᵀ decorrelation terms
-  c.loss_warmup_steps = 0      # CCL on the CNN: the loss scaled by step/N over the first N steps
-  c.ccl_filter_target = 0.0    # CCL on the CNN: samples with p(true) above this skip the pair losses (0 = off)
-  # FA / sign symmetry / KP / WM (SPEC §2); the feedback optimizer is not used by these rules.
-  c.sign_scale = 0.0           # sign symmetry: B = sign(W)·s; s = this, or mean|W| per layer if 0
-  c.kp_decay = 1.0             # KP: κ in W ← κW − η∇W, B ← κB − η∇W (1 = no decay, as the reference)
-  c.wm_lr = 0.01               # WM: η_m in B += η_m · x yᵀ (summed over the mirror batch)
-  c.wm_noise = 0.05            # WM: mirror input x ~ U(−a, a)
-  c.wm_batch = 128             # WM: mirror batch size
-  c.wm_decay = 0.0             # WM: B ← (1 − λ)·B before each mirror step (0 = none, as the reference)
-  c.wm_init_steps = -1         # WM: mirror steps before training; −1 = one epoch's worth of batches
-  # Local error signals (SPEC §3): rules global, pred, sim, predsim on models mlp, vgg8b, vgg11b.
-  c.dropout = 0.0              # dropout after every block (local losses read the block before it)
-  c.bio = False                # the 'bio' variants: fixed random label codes, FA pred heads
-  c.bio_code_size = 128        # bio: size of the projected label code
-  c.local_beta = -1.0          # predsim's β in (1−β)·pred + β·sim; −1 = 0.99 (0.01 with bio)
-  c.dim_in_decoder = 2048      # conv blocks: pred head input is average-pooled down to ≤ this
-  c.feat_mult = 1.0            # vgg8b/vgg11b: conv widths × this
-  c.optimizer = ml_collections.ConfigDict(dict(forward=optimizer(), feedback=optimizer()))
-  c.parallel = 'none'          # 'none', 'pmap' or 'shard_map'
-  c.steps_per_call = 0         # training steps fused into one compiled call; 0 = one epoch
-  c.compute_dtype = 'float32'  # 'bfloat16': bf16 matmuls with float32 parameters (accelerators)
-  c.scan_unroll = 1            # lax.scan unroll of those steps; 0 = inline them all (conv nets on CPU)
-  c.eval_batch_size = 1000
-  c.checkpoint_every_epochs = 1
-  c.checkpoint_every_steps = 0  # also save mid-epoch every N steps (0 = only at epoch ends)
-  c.keep_checkpoints = 2
-  c.force_retrain = False      # start over in a finished workdir (old files are moved aside)
-  c.analysis_batch_size = 256  # batch used for the alignment metrics at each evaluation
-  c.progress = True
+  """Defaults of every key and every section; an experiment config sets rule and model."""
+  sections, _, opt = registries()
+  c = section(SETTINGS)
+  for name, settings in sections.items():
+    c[name] = section(settings)
+  c.optimizer = ml_collections.ConfigDict({t: section(opt) for t in ('forward', 'feedback')})
   return c
 
 
-PARALLEL = ('none', 'pmap', 'shard_map')
+def used_sections(c) -> tuple[str, ...]:
+  """The sections a run of `c` reads: its rule's, its model's, and 'data'."""
+  _, owner, _ = registries()
+  found = [owner.get(('rule', c.rule)), owner.get(('model', c.model)), 'data']
+  return tuple(s for s in found if s)
 
 
-def _choice(c, key: str, options) -> None:
-  if c[key] not in options:
-    raise UserError(f"config.{key}='{c[key]}' is not one of {', '.join(map(str, options))}")
+def validate(c) -> None:
+  """Raises UserError naming the first bad value, of any key or section the run uses."""
+  from ccl_jax import data, models, rules
 
-
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises UserError naming the first bad value."""
-  from ccl_jax import data, rules  # late import: avoid cycles
-  from ccl_jax.models import build, mlp
-  from ccl_jax.rules.base import LOSSES, TREES
-  if c.rule not in rules.names():
-    raise UserError(f"unknown rule '{c.rule}'; choose one of {', '.join(rules.names())}")
+  if c.rule not in rules.REGISTRY:
+    raise UserError(f"unknown rule '{c.rule}'; choose one of {', '.join(rules.REGISTRY)}")
+  if c.model not in models.REGISTRY:
+    raise UserError(f"unknown model '{c.model}'; choose one of {', '.join(models.REGISTRY)}")
   if c.dataset not in data.DATASETS:
     raise UserError(f"unknown dataset '{c.dataset}'; choose one of {', '.join(data.DATASETS)}")
-  _choice(c, 'model', build.MODELS)
-  _choice(c, 'parallel', PARALLEL)
-  _choice(c, 'activation', tuple(mlp.ACTIVATIONS))
-  _choice(c, 'output_activation', tuple(mlp.ACTIVATIONS))
-  _choice(c, 'init', mlp.INITS)
-  _choice(c, 'loss', LOSSES)
-  _choice(c, 'normalize', ('mean_std', 'unit', 'imagenet'))
-  if int(c.loss_warmup_steps) < 0 or (c.loss_warmup_steps and (c.rule, c.model) != ('ccl', 'cnn')):
-    raise UserError(f'config.loss_warmup_steps={c.loss_warmup_steps} must be >= 0, and is used '
-                    f"by rule 'ccl' on model 'cnn' only")
-  if not 0.0 <= c.ccl_filter_target < 1.0 or (c.ccl_filter_target
-                                             and (c.rule, c.model) != ('ccl', 'cnn')):
-    raise UserError(f'config.ccl_filter_target={c.ccl_filter_target} must be in [0, 1), and is '
-                    f"used by rule 'ccl' on model 'cnn' only")
-  _choice(c, 'compute_dtype', ('float32', 'bfloat16'))
-  _choice(c, 'augment_padding', ('zero', 'edge'))
-  if c.compute_dtype != 'float32' and c.rule not in ('bp', 'ccl'):
-    raise UserError(f"config.compute_dtype='{c.compute_dtype}' is supported by rules bp and ccl "
-                    f"only, not '{c.rule}' (its feedback layers compute in float32)")
-  for key in ('batch_size', 'num_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
-              'keep_checkpoints', 'analysis_batch_size'):
-    if int(c[key]) <= 0:
-      raise UserError(f'config.{key}={c[key]} must be positive')
-  for key in ('train_subset', 'steps_per_call', 'scan_unroll', 'checkpoint_every_steps',
-              'augment_pad'):
-    if int(c[key]) < 0:
-      raise UserError(f'config.{key}={c[key]} must be >= 0')
-  for key, widths in (('hidden', c.hidden), ('channels', c.channels)):
-    if not widths or any(int(w) <= 0 for w in widths):
-      raise UserError(f'config.{key}={tuple(widths)} must be a non-empty list of positive widths')
-  for tree in TREES:
-    opt = c.optimizer[tree]
-    if not opt.lr > 0:
-      raise UserError(f'config.optimizer.{tree}.lr={opt.lr} must be positive')
-    if opt.name not in ('sgd', 'adam'):
-      raise UserError(f"config.optimizer.{tree}.name='{opt.name}' must be 'sgd' or 'adam'")
-    if opt.schedule not in ('constant', 'cosine', 'step'):
-      raise UserError(f"config.optimizer.{tree}.schedule='{opt.schedule}' must be 'constant', "
-                      f"'cosine' or 'step'")
-    if opt.schedule == 'step' and not all(0 < float(m) < 1 for m in opt.milestones):
-      raise UserError(f'config.optimizer.{tree}.milestones={tuple(opt.milestones)} must be '
-                      f'fractions of the run in (0, 1)')
-  if not 0.0 <= c.dropout < 1.0:
-    raise UserError(f'config.dropout={c.dropout} must be in [0, 1)')
-  if not (0.0 <= c.local_beta <= 1.0 or c.local_beta == -1):
-    raise UserError(f'config.local_beta={c.local_beta} must be in [0, 1] (or -1 for the default)')
-  if not 0.0 <= c.val_fraction < 1.0:
-    raise UserError(f'config.val_fraction={c.val_fraction} must be in [0, 1)')
+  sections, _, opt = registries()
+  check('', c, SETTINGS)
+  resume_overrides(c)
+  for name in used_sections(c):
+    check(f'{name}.', c[name], sections[name])
+  for tree in ('forward', 'feedback'):
+    check(f'optimizer.{tree}.', c.optimizer[tree], opt)
+  rule = rules.REGISTRY[c.rule]
+  if c.compute_dtype != 'float32' and not getattr(rule, 'MIXED_PRECISION', False):
+    raise UserError(
+      f"config.compute_dtype='{c.compute_dtype}' is not supported by rule "
+      f"'{c.rule}' (its layers compute in float32)"
+    )
+  for module in (rule, models.REGISTRY[c.model]):  # checks across sections
+    if hasattr(module, 'check'):
+      module.check(c)
 
 
-MLP_HIDDEN = {'mnist': (256,) * 5, 'fashion_mnist': (256,) * 5,
-              'cifar10': (1024,) * 3, 'cifar100': (1024,) * 3}
+def finalize(c) -> ml_collections.FrozenConfigDict:
+  """Validates `c` and freezes it with only the sections the run uses (before anything traces)."""
+  validate(c)
+  sections, _, _ = registries()
+  keep = set(used_sections(c))
+  out = ml_collections.ConfigDict(c.to_dict())
+  for name in sections:
+    if name not in keep and name in out:
+      del out[name]
+  return ml_collections.FrozenConfigDict(out)
 
 
-def reference_mlp(dataset: str, rule: str) -> ml_collections.ConfigDict:
-  """SPEC §1.1: the CCL paper's ELU MLP and its settings (SGD lr 1/1, clip 1, batch 256, 100 epochs)."""
-  c = base()
-  c.rule = rule
-  c.dataset = dataset
-  c.hidden = MLP_HIDDEN[dataset]
-  c.batch_size = 256
-  c.num_epochs = 100
-  c.seed = 2023
-  c.optimizer.forward = optimizer(lr=1.0, clip=1.0)
-  c.optimizer.feedback = optimizer(lr=1.0, clip=1.0)
-  return c
+def describe() -> str:
+  """Every key and section with its default and one-line doc (for `main --help`)."""
+  sections, owner, opt = registries()
+  users = {}
+  for (kind, name), sec in owner.items():
+    users.setdefault(sec, []).append(f'{kind} {name}')
+  lines = ['Config keys (override with --config.<key>=value):']
+  lines += [f'  {k} = {s.default!r}  -- {s.doc}' for k, s in SETTINGS.items()]
+  lines += ['  optimizer.{forward,feedback}.<key>:']
+  lines += [f'    {k} = {s.default!r}  -- {s.doc}' for k, s in opt.items()]
+  for name, settings in sections.items():
+    lines.append(f'  {name}.<key>  ({", ".join(users.get(name, ["every run"]))}):')
+    lines += [f'    {k} = {s.default!r}  -- {s.doc}' for k, s in settings.items()]
+  return '\n'.join(lines)
 
 
-SIGMOID_MLP_HIDDEN = {'mnist': (500,), 'fashion_mnist': (500,), 'cifar10': (1000,),
-                      'cifar100': (1000,), 'digits': (64,)}
-SIGMOID_MLP_LR = {'bp': 0.2, 'fa': 0.2, 'sign_symmetry': 0.2, 'wm': 0.05, 'kp': 0.3}
+# -- comparing a saved run's config with this one ------------------------------------------------
+# Keys that steer how a run executes, not what it computes: they may change between resumes.
+RUN_CONTROL_KEYS = frozenset(
+  {
+    'num_epochs',
+    'data_dir',
+    'progress',
+    'parallel',
+    'force_retrain',
+    'resume_override',
+    'checkpoint_every_epochs',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'steps_per_call',
+    'scan_unroll',
+    'eval_batch_size',
+    'analysis_batch_size',
+    'data.cache_dir',
+  }
+)
+# What `resume_override` may name: the learning rate and its schedule, never a shape.
+OVERRIDABLE = ('lr', 'schedule', 'min_lr', 'warmup_steps', 'milestones', 'decay_factor')
+# Keys of configs written before each module owned its section: old name -> new name.
+MOVED = {
+  'hidden': 'mlp.hidden',
+  'channels': 'cnn.channels',
+  'activation': '<model>.activation',
+  'output_activation': '<model>.output_activation',
+  'init': '<model>.init',
+  'use_bias': '<model>.use_bias',
+  'normalize': 'data.normalize',
+  'cache_dir': 'data.cache_dir',
+  'augment_pad': 'data.crop_pad',
+  'augment_flip': 'data.flip',
+  'augment_padding': 'data.pad_mode',
+  'val_fraction': 'data.val_fraction',
+  'shuffle': 'data.shuffle',
+  'loss_scale_c': 'ccl.loss_scale',
+  'ccl_self_scale': 'ccl.self_scale',
+  'loss_warmup_steps': 'ccl.loss_warmup_steps',
+  'ccl_filter_target': 'ccl.filter_target',
+  'sign_scale': 'sign_symmetry.scale',
+  'kp_decay': 'kp.decay',
+  'wm_lr': 'wm.lr',
+  'wm_noise': 'wm.noise',
+  'wm_batch': 'wm.batch',
+  'wm_decay': 'wm.decay',
+  'wm_init_steps': 'wm.init_steps',
+  'dropout': 'local.dropout',
+  'bio': 'local.bio',
+  'bio_code_size': 'local.code_size',
+  'local_beta': 'local.beta',
+  'dim_in_decoder': 'local.dim_in_decoder',
+  'feat_mult': 'vgg.feat_mult',
+}
 
 
-def reference_sigmoid_mlp(dataset: str, rule: str) -> ml_collections.ConfigDict:
-  """SPEC §2: the weight-transport paper's sigmoid MLP (one hidden layer, sigmoid outputs, summed
-  BCE, N(0, 1/(fan_in+fan_out)) init, no biases, plain SGD, batch 128, 400 epochs, no shuffling,
-  pixels/255) with the reference learning rates (sign symmetry, not in the reference, uses FA's)."""
-  c = base()
-  c.rule = rule
-  c.dataset = dataset
-  c.model = 'mlp'
-  c.hidden = SIGMOID_MLP_HIDDEN[dataset]
-  c.activation = 'sigmoid'
-  c.output_activation = 'sigmoid'
-  c.loss = 'bce'
-  c.init = 'glorot_normal'
-  c.use_bias = False
-  c.normalize = 'unit'
-  c.shuffle = False
-  c.batch_size = 128
-  c.num_epochs = 400
-  c.seed = 2023
-  lr = SIGMOID_MLP_LR[rule]
-  c.optimizer.forward = optimizer(lr=lr, clip=0.0)
-  c.optimizer.feedback = optimizer(lr=lr, clip=0.0)  # unused by fa/sign/kp/wm (B has its own rule)
-  return c
+def resume_overrides(c) -> tuple[str, ...]:
+  """The keys `config.resume_override` ('a,b') allows to differ from a resumed checkpoint."""
+  keys = tuple(k.strip() for k in str(c.get('resume_override', '') or '').split(',') if k.strip())
+  for key in keys:
+    parts = key.split('.')
+    if key != 'num_epochs' and not (
+      len(parts) == 3
+      and parts[0] == 'optimizer'
+      and parts[1] in ('forward', 'feedback')
+      and parts[2] in OVERRIDABLE
+    ):
+      raise UserError(
+        f"config.resume_override names '{key}': only num_epochs and "
+        f'optimizer.<forward|feedback>.<{"|".join(OVERRIDABLE)}> may change on '
+        'resume (a shape never)'
+      )
+  return keys
 
 
-def _cnn(dataset: str, rule: str, channels: tuple[int, ...]) -> ml_collections.ConfigDict:
-  c = base()
-  c.rule, c.dataset, c.model, c.channels, c.activation = rule, dataset, 'cnn', channels, 'elu'
-  c.steps_per_call, c.scan_unroll = 8, 0  # inlined steps: XLA:CPU convs are slow inside loops
-  return c
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
 
 
-def small_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
-  """A narrow `cnn_pool` body (SPEC §1.2: 5 × [Conv3×3 → ELU → MaxPool 2] → Dense) for quick
-  conv-layer runs of the feedback-weight rules: SGD with momentum, batch 128, 2 epochs."""
-  c = _cnn(dataset, rule, (8, 16, 16, 32, 32))
-  c.batch_size = 128
-  c.num_epochs = 2
-  c.optimizer.forward = optimizer(lr=0.02, momentum=0.9, clip=1.0)
-  c.optimizer.feedback = optimizer(lr=0.02, momentum=0.9, clip=1.0)  # unused by fa/sign/kp/wm
-  return c
+def changed_keys(saved: dict, now: dict) -> list[str]:
+  """Dotted config keys whose values differ, ignoring run-control keys and those `now`'s
+  `resume_override` allows. A key the saved config lacks (added to the package since) counts as
+  unchanged while it holds its default. A config of the old flat layout is refused in one line."""
+  moved = sorted(k for k in saved if k in MOVED and k not in now)
+  if moved:
+    raise UserError(
+      'this checkpoint was written before the config redesign and cannot resume '
+      'here (moved keys: '
+      + ', '.join(f'{k} -> {MOVED[k]}' for k in moved[:6])
+      + (', ...' if len(moved) > 6 else '')
+      + '); start it in a new --workdir'
+    )
+  allowed = set(resume_overrides(ml_collections.ConfigDict(now)))
+  a, b = _flat(saved), _flat(now)
+  defaults = _flat(json.loads(base().to_json_best_effort()))  # as saved: lists, not tuples
+  missing = lambda k: k not in a and k in defaults and b.get(k) == defaults[k]
+  skip = lambda k: k in RUN_CONTROL_KEYS or k.split('.')[0] in RUN_CONTROL_KEYS or k in allowed
+  return sorted(
+    k for k in set(a) | set(b) if not skip(k) and a.get(k) != b.get(k) and not missing(k)
+  )
 
 
-LOCAL_MLP_HIDDEN = {'mnist': (1024,) * 3, 'fashion_mnist': (1024,) * 3, 'digits': (256,) * 3,
-                    'cifar10': (3000,) * 3, 'cifar100': (3000,) * 3}
-
-
-def local_losses(dataset: str, rule: str, model: str = 'mlp', bio: bool = False,
-                 feat_mult: float = 1.0) -> ml_collections.ConfigDict:
-  """SPEC §3: Nøkland & Eidnes' blocks (BN, ReLU — LeakyReLU 0.01 for sim/predsim), Adam lr 5e-4
-  (3e-4 for nets widened by feat_mult > 1) without clipping, ×0.25 at 50/75/89/94 % of 100 epochs
-  (MNISTs) or 50/75/87.5/93.75 % of 400 (CIFAR), batch 128; random crops (pad 2 for the MNISTs,
-  4 for CIFAR) and flips (Fashion-MNIST, CIFAR) on device; dropout 0.1 (CIFAR VGG: 0.2; bio: 0.05).
-  As everywhere in this package, 10 % of the training set is held out for model selection."""
-  c = base()
-  c.rule = rule
-  c.dataset = dataset
-  c.model = model
-  c.hidden = LOCAL_MLP_HIDDEN[dataset]
-  c.activation = 'leaky_relu' if rule in ('sim', 'predsim') else 'relu'
-  c.batch_size = 128
-  c.num_epochs = 100
-  c.seed = 2023
-  c.bio = bio
-  c.feat_mult = feat_mult
-  c.dim_in_decoder = 1024 if dataset in ('mnist', 'fashion_mnist') else 2048
-  cifar = dataset.startswith('cifar')
-  c.dropout = 0.05 if bio else 0.2 if cifar and model != 'mlp' else 0.1
-  wide = feat_mult > 1
-  c.augment_pad = 2 if dataset in ('mnist', 'fashion_mnist') else 4 if cifar else 0
-  c.augment_flip = dataset in ('fashion_mnist', 'cifar10', 'cifar100')
-  c.optimizer.forward = optimizer(name='adam', lr=3e-4 if wide else 5e-4, clip=0.0)
-  c.optimizer.forward.schedule = 'step'
-  if cifar:
-    c.num_epochs = 400
-    c.optimizer.forward.milestones = (0.5, 0.75, 0.875, 0.9375)
-  c.optimizer.feedback = optimizer(name='adam', lr=5e-4, clip=0.0)  # unused: no feedback tree
-  return c
-
-
-def reference_cnn(dataset: str, rule: str) -> ml_collections.ConfigDict:
-  """SPEC §1.2: the CCL paper's `cnn_pool` (5 × [Conv3×3 → ELU → MaxPool 2], channels
-  128-128-256-256-512, Linear 512→K, no biases), edge-padded crops of 4 and flips on device.
-  CCL: SGD lr 1/1, momentum 0.5, wd 1e-6, gradient centralisation, clip 1, batch 128, a 100-step
-  loss warm-up, cosine to 0.001 over 100 epochs (per step, not per epoch). BP: SGD lr 0.03,
-  momentum 0.5, wd 1e-5, lr warm-up 200, batch 256, cosine over 100 epochs. ImageNet mean/std
-  normalisation. The reference's optional `filter_target` is `ccl_filter_target` (off)."""
-  c = _cnn(dataset, rule, (128, 128, 256, 256, 512))
-  c.num_epochs = 100
-  c.seed = 2023
-  c.augment_pad, c.augment_flip, c.augment_padding = 4, True, 'edge'
-  c.normalize = 'imagenet'
-  if rule == 'bp':
-    c.batch_size = 256
-    opt = optimizer(lr=0.03, momentum=0.5, weight_decay=1e-5, clip=0.0)
-    opt.warmup_steps = 200
-  else:
-    c.batch_size = 128
-    c.loss_scale_c = 1.0
-    c.loss_warmup_steps = 100
-    opt = optimizer(lr=1.0, momentum=0.5, weight_decay=1e-6, clip=1.0)
-    opt.grad_centralization = True
-  opt.schedule, opt.min_lr = 'cosine', 0.001 if rule != 'bp' else 0.0
-  c.optimizer.forward = opt
-  c.optimizer.feedback = ml_collections.ConfigDict(opt.to_dict())
-  return c
+def check_schedule(saved: dict, now: dict) -> None:
+  """Refuses a resume whose new `num_epochs` would silently move a schedule's decay points."""
+  if saved.get('num_epochs') in (None, now.get('num_epochs')):
+    return
+  if 'num_epochs' in resume_overrides(ml_collections.ConfigDict(now)):
+    return
+  moving = [
+    t
+    for t in ('forward', 'feedback')
+    if now.get('optimizer', {}).get(t, {}).get('schedule') in ('cosine', 'step')
+  ]
+  if moving:
+    raise UserError(
+      f'num_epochs {saved["num_epochs"]} -> {now["num_epochs"]} would move the '
+      f'{now["optimizer"][moving[0]]["schedule"]} schedule of optimizer.{moving[0]} (its '
+      f"decay follows the run's length); rerun with --config.num_epochs={saved['num_epochs']} "
+      'to finish as planned, or add --config.resume_override=num_epochs to continue on the '
+      'schedule of the new length'
+    )

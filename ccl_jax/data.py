@@ -13,14 +13,39 @@ import os
 
 import numpy as np
 
+from ccl_jax import config as config_lib
+from ccl_jax.config import Setting
 from ccl_jax.errors import UserError
+
+SETTINGS = {
+  'normalize': Setting(
+    'mean_std',
+    "'mean_std' (the dataset's per-channel statistics), "
+    "'imagenet' (ImageNet's) or 'unit' (pixels/255 only)",
+    choices=('mean_std', 'imagenet', 'unit'),
+  ),
+  'cache_dir': Setting(
+    '~/.cache/ccl_jax', "decoded tfds splits are cached here as .npz; '' = no cache"
+  ),
+  'val_fraction': config_lib.fraction(
+    'share of the training set held out for model selection', 0.1
+  ),
+  'shuffle': Setting(True, 'reshuffle the training set every epoch'),
+  'crop_pad': config_lib.non_negative(
+    'random crops on device: pad each side by this, crop back (0 = off)', 0
+  ),
+  'flip': Setting(False, 'random horizontal flips on device'),
+  'pad_mode': Setting(
+    'zero', "crop padding: 'zero' (the channel mean) or 'edge'", choices=('zero', 'edge')
+  ),
+}
 
 # name -> (tfds name, per-channel mean, per-channel std, classes); stats from SPEC §1.1.
 TFDS = {
-    'mnist': ('mnist', (0.1307,), (0.3081,), 10),
-    'fashion_mnist': ('fashion_mnist', (0.2860,), (0.3530,), 10),
-    'cifar10': ('cifar10', (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
-    'cifar100': ('cifar100', (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
+  'mnist': ('mnist', (0.1307,), (0.3081,), 10),
+  'fashion_mnist': ('fashion_mnist', (0.2860,), (0.3530,), 10),
+  'cifar10': ('cifar10', (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
+  'cifar100': ('cifar100', (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
 }
 DATASETS = ('digits',) + tuple(TFDS)
 
@@ -50,6 +75,7 @@ def _digits(standardise: bool = True) -> tuple[Split, Split, int]:
   """sklearn's bundled 8x8 digits, split deterministically 80/20 train/test; in [0, 1] unless
   `standardise` (then zero mean, unit std over the training pixels)."""
   from sklearn.datasets import load_digits
+
   d = load_digits()
   images = (d.images / 16.0).astype(np.float32)[..., None]
   labels = d.target.astype(np.int32)
@@ -64,16 +90,18 @@ def _digits(standardise: bool = True) -> tuple[Split, Split, int]:
 
 def _read_tfds(name: str, split: str, data_dir: str) -> Split:
   import tensorflow_datasets as tfds
+
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # tfds raises several types for "not there"
     where = data_dir or '~/tensorflow_datasets'
     raise UserError(
-        f"dataset '{name}' ({split}) is not prepared in data_dir '{where}' "
-        f"({type(e).__name__}); run `pip install '.[prepare]'` and "
-        f"`python -c \"import tensorflow_datasets as t; t.builder('{name}', data_dir='{where}', "
-        f"file_format='array_record').download_and_prepare()\"` on a machine with internet, "
-        f"or point --config.data_dir at a prepared copy") from None
+      f"dataset '{name}' ({split}) is not prepared in data_dir '{where}' "
+      f"({type(e).__name__}); run `pip install '.[prepare]'` and "
+      f"`python -c \"import tensorflow_datasets as t; t.builder('{name}', data_dir='{where}', "
+      f"file_format='array_record').download_and_prepare()\"` on a machine with internet, "
+      f'or point --config.data_dir at a prepared copy'
+    ) from None
   n = len(source)
   first = source[0]
   images = np.empty((n,) + first['image'].shape, np.uint8)
@@ -91,8 +119,9 @@ def _cached(name: str, split: str, data_dir: str, cache_dir: str) -> Split:
   """Decodes a tfds split once; later runs read the uint8 arrays from `cache_dir`."""
   if not cache_dir:
     return _read_tfds(name, split, data_dir)
-  key = hashlib.sha1(os.path.abspath(os.path.expanduser(data_dir or '~/tensorflow_datasets'))
-                     .encode()).hexdigest()[:10]
+  key = hashlib.sha1(
+    os.path.abspath(os.path.expanduser(data_dir or '~/tensorflow_datasets')).encode()
+  ).hexdigest()[:10]
   path = os.path.join(os.path.expanduser(cache_dir), f'{name}-{split}-{key}.npz')
   if os.path.exists(path):
     try:
@@ -126,32 +155,31 @@ def _normalise(s: Split, mean, std, how: str = 'mean_std') -> Split:
 
 def load(config) -> Dataset:
   """Loads `config.dataset` into memory, with the validation split carved from train."""
-  name = config.dataset
-  how = config.get('normalize', 'mean_std')
+  name, d = config.dataset, config.data
+  how = d.normalize
   if name == 'digits':
     if how == 'imagenet':
       raise UserError("config.normalize='imagenet' needs RGB images; digits are grey")
     train, test, k = _digits(standardise=how == 'mean_std')
   elif name in TFDS:
     tfds_name, mean, std, k = TFDS[name]
-    train = _normalise(_cached(tfds_name, 'train', config.data_dir, config.cache_dir), mean, std, how)
-    test = _normalise(_cached(tfds_name, 'test', config.data_dir, config.cache_dir), mean, std, how)
+    train = _normalise(_cached(tfds_name, 'train', data_dir(config), d.cache_dir), mean, std, how)
+    test = _normalise(_cached(tfds_name, 'test', data_dir(config), d.cache_dir), mean, std, how)
   else:
     raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
   order = np.random.default_rng(config.seed).permutation(len(train))
-  n_val = int(round(config.val_fraction * len(train)))
+  n_val = int(round(d.val_fraction * len(train)))
   val_idx, tr_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
   if config.train_subset:
-    tr_idx = tr_idx[:config.train_subset]
+    tr_idx = tr_idx[: config.train_subset]
   val = Split(train.images[val_idx], train.labels[val_idx])
   train = Split(train.images[tr_idx], train.labels[tr_idx])
   if len(train) < config.batch_size:
-    raise UserError(f'config.batch_size={config.batch_size} is larger than the '
-                    f'{len(train)} training examples of {name}')
+    raise UserError(
+      f'config.batch_size={config.batch_size} is larger than the '
+      f'{len(train)} training examples of {name}'
+    )
   return Dataset(train, val, test, k)
-
-
-AUGMENT_STREAM = 0xA06  # folded into the step's key: the augmentation's random stream
 
 
 def augment(images, indices, key, pad: int, flip: bool, padding: str = 'zero'):
@@ -175,12 +203,18 @@ def augment(images, indices, key, pad: int, flip: bool, padding: str = 'zero'):
     if flip:
       out = jnp.where(jax.random.bernoulli(k_flip), out[:, ::-1], out)
     return out
+
   return jax.vmap(one)(images, indices)
 
 
 def augmenter(config):
   """`(images, indices, key) -> images` for the config's augmentation, or None when it has none."""
-  pad, flip = int(config.augment_pad), bool(config.augment_flip)
+  pad, flip = int(config.data.crop_pad), bool(config.data.flip)
   if not pad and not flip:
     return None
-  return functools.partial(augment, pad=pad, flip=flip, padding=config.augment_padding)
+  return functools.partial(augment, pad=pad, flip=flip, padding=config.data.pad_mode)
+
+
+def data_dir(config) -> str:
+  """The tfds data_dir: `config.data_dir`, else $CCL_JAX_DATA_DIR, else tfds' default ('')."""
+  return config.data_dir or os.environ.get('CCL_JAX_DATA_DIR', '')

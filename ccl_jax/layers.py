@@ -17,7 +17,8 @@ error signal arriving there can be read (see `metrics.delta_angles`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,11 +33,16 @@ def dense(x: Array, w: Array) -> Array:
   return jnp.dot(x, w)
 
 
-def conv(x: Array, w: Array, strides: tuple[int, int] = (1, 1),
-         padding: str | tuple[tuple[int, int], ...] = 'SAME') -> Array:
+def conv(
+  x: Array,
+  w: Array,
+  strides: tuple[int, int] = (1, 1),
+  padding: str | tuple[tuple[int, int], ...] = 'SAME',
+) -> Array:
   """Plain 2-D convolution, NHWC input, HWIO kernel."""
-  return jax.lax.conv_general_dilated(x, w, strides, padding,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jax.lax.conv_general_dilated(
+    x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -64,13 +70,18 @@ def feedback_dense(x: Array, w: Array, b: Array) -> Array:
   return through_feedback(dense, x, w, b)
 
 
-def feedback_conv(x: Array, w: Array, b: Array, strides: tuple[int, int] = (1, 1),
-                  padding: str | tuple[tuple[int, int], ...] = 'SAME') -> Array:
+def feedback_conv(
+  x: Array,
+  w: Array,
+  b: Array,
+  strides: tuple[int, int] = (1, 1),
+  padding: str | tuple[tuple[int, int], ...] = 'SAME',
+) -> Array:
   """conv(x, w), with the error sent back to x as the transposed conv with kernel b (w's shape)."""
   return through_feedback(_conv_op(tuple(strides), _hashable(padding)), x, w, b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_op(strides, padding) -> Callable[[Array, Array], Array]:
   return functools.partial(conv, strides=strides, padding=padding)
 
@@ -85,6 +96,7 @@ def _identity(x: Array) -> Array:
 
 class _FeedbackLayer(nn.Module):
   """Shared body of the feedback-aware layers: W, optional bias, B, activation, preact probe."""
+
   activation: Callable[[Array], Array] = _identity
   use_bias: bool = False
   kernel_init: Initializer = nn.initializers.lecun_normal()
@@ -102,8 +114,7 @@ class _FeedbackLayer(nn.Module):
     shape = self.kernel_shape(x)
     w = self.param('kernel', self.kernel_init, shape)
     b_init = self.feedback_init or self.kernel_init
-    fb = self.variable('feedback', 'kernel',
-                       lambda: b_init(self.make_rng('params'), shape)).value
+    fb = self.variable('feedback', 'kernel', lambda: b_init(self.make_rng('params'), shape)).value
     bias = self.param('bias', self.bias_init, (shape[-1],)) if self.use_bias else None
     return w, fb, bias
 
@@ -127,6 +138,7 @@ class _FeedbackLayer(nn.Module):
 
 class FeedbackDense(_FeedbackLayer):
   """Dense layer whose backward pass to its input uses the 'feedback' kernel B (in, out), as W."""
+
   features: int = 1
 
   def kernel_shape(self, x):
@@ -137,7 +149,8 @@ class FeedbackDense(_FeedbackLayer):
 
 
 class FeedbackConv(_FeedbackLayer):
-  """2-D conv (NHWC) whose backward pass to its input uses the 'feedback' kernel B (kh, kw, in, out)."""
+  """2-D conv (NHWC) whose backward pass to its input uses the 'feedback' kernel B (HWIO)."""
+
   features: int = 1
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -178,7 +191,7 @@ few_rows_dot.defvjp(_few_rows_fwd, _few_rows_bwd)
 
 
 def few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`jax.lax.dot_general` signature for flax's `nn.Dense(dot_general=...)` (plain 2-D dense only)."""
+  """`jax.lax.dot_general`'s signature for flax's `nn.Dense(dot_general=...)` (2-D dense only)."""
   (lc, rc), (lb, rb) = dimension_numbers
   if lhs.ndim != 2 or tuple(lc) != (1,) or tuple(rc) != (0,) or lb or rb:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)

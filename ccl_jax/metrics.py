@@ -7,11 +7,11 @@ returns scalars, so a rule's `analyze` can hand them straight to the training lo
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -58,9 +58,8 @@ def feedback_pairs(forward: PyTree, feedback: PyTree) -> list[tuple[str, jax.Arr
 
 
 def backprop_feedback(forward: PyTree, feedback: PyTree) -> PyTree:
-  """A feedback tree holding W for every B (B has W's layout): the feedback that gives exactly BP."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: lookup(forward, names(path)), feedback)
+  """A feedback tree holding W for every B (B has W's layout): the feedback that is exactly BP."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: lookup(forward, names(path)), feedback)
 
 
 def weight_metrics(forward: PyTree, feedback: PyTree) -> dict[str, jax.Array]:
@@ -73,18 +72,25 @@ def weight_metrics(forward: PyTree, feedback: PyTree) -> dict[str, jax.Array]:
   for name, w, b in feedback_pairs(forward, feedback):
     out[f'weight_angle/{name}'] = angle_degrees(w, b)
     out[f'norm_ratio/{name}'] = jnp.linalg.norm(b.ravel()) / jnp.maximum(
-        jnp.linalg.norm(w.ravel()), 1e-12)
+      jnp.linalg.norm(w.ravel()), 1e-12
+    )
   return out
 
 
-def delta_angles(model, forward: PyTree, feedback: PyTree, images: jax.Array,
-                 loss_fn: Callable[[jax.Array], jax.Array]) -> dict[str, jax.Array]:
-  """delta_angle/<layer> for every hidden layer: the angle between the error signal the rule's
-  backward pass (through B) delivers at the layer's pre-activation and the one backprop (B := W)
-  delivers, both from the same forward pass and the same output error, over the whole batch.
+def delta_angles(
+  model,
+  forward: PyTree,
+  feedback: PyTree,
+  images: jax.Array,
+  loss_fn: Callable[[jax.Array], jax.Array],
+) -> dict[str, jax.Array]:
+  """delta_angle/<layer> for every hidden layer l: the angle between the rule's error signal at
+  the layer's pre-activation, δ_l = (B_{l+1} δ_{l+1}) ⊙ φ'(z_l), and backprop's for the same
+  upstream error, (W_{l+1} δ_{l+1}) ⊙ φ'(z_l) — δ_{l+1} the rule's own (SPEC §2), over the batch.
 
-  `model` is a flax module built from feedback-aware layers (they mark their pre-activations with
-  `perturb('preact')`); `loss_fn` maps the model's outputs to the scalar training loss.
+  Backprop's is read with only layer l+1's B replaced by its W: the layers above still send the
+  rule's error. `model` is a flax module of feedback-aware layers (they mark their
+  pre-activations with `perturb('preact')`); `loss_fn` maps its outputs to the training loss.
   """
   variables = {'params': forward, 'feedback': feedback}
   _, probes = model.apply(variables, images, mutable=['perturbations'])
@@ -94,11 +100,19 @@ def delta_angles(model, forward: PyTree, feedback: PyTree, images: jax.Array,
     def loss(p):
       out = model.apply({'params': forward, 'feedback': fb, 'perturbations': p}, images)[0]
       return loss_fn(out)
+
     return leaves_by_path(jax.grad(loss)(probes))
 
-  rule, bp = deltas(feedback), deltas(backprop_feedback(forward, feedback))
-  paths = sorted(rule, key=lambda p: _natural(layer_name(p)))[:-1]  # the output layer's are equal
-  return {f'delta_angle/{layer_name(p)}': angle_degrees(rule[p], bp[p]) for p in paths}
+  rule = deltas(feedback)
+  paths = sorted(rule, key=lambda p: _natural(layer_name(p)))
+  kernels = sorted(leaves_by_path(feedback), key=lambda p: _natural(layer_name(p)))
+  out = {}
+  for here, above in zip(paths[:-1], kernels[1:]):  # the output layer's δ is the same for both
+    one_bp = jax.tree_util.tree_map_with_path(
+      lambda path, b: lookup(forward, names(path)) if names(path) == above else b, feedback
+    )
+    out[f'delta_angle/{layer_name(here)}'] = angle_degrees(rule[here], deltas(one_bp)[here])
+  return out
 
 
 def unit_rows(x: jax.Array, centre: bool = False) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Builds one tree's optax optimizer from its config block (SGD or Adam, clipping, decay, schedule)."""
+"""One tree's optax optimizer from its config block (SGD or Adam, clipping, decay, schedule)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,45 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from ccl_jax import config as config_lib
+from ccl_jax.config import Setting
+
+SETTINGS = {
+  'name': Setting('sgd', 'optimizer', choices=('sgd', 'adam')),
+  'lr': config_lib.positive('peak learning rate', 1.0),
+  'momentum': config_lib.fraction('SGD momentum (0 = none)', 0.0),
+  'weight_decay': config_lib.non_negative('L2 weight decay, added before the lr scaling', 0.0),
+  'clip': config_lib.non_negative("clip the tree's gradient to this global norm; 0 = off", 1.0),
+  'warmup_steps': config_lib.non_negative('linear lr warm-up from 0 over N steps', 0),
+  'schedule': Setting(
+    'constant',
+    "'constant', 'cosine' (to min_lr, per step) or 'step' (× decay_factor at each milestone)",
+    choices=('constant', 'cosine', 'step'),
+  ),
+  'min_lr': config_lib.non_negative("the cosine schedule's final lr", 0.0),
+  'milestones': Setting(
+    (0.5, 0.75, 0.89, 0.94),
+    "'step' schedule: where the lr drops, as fractions of the run",
+    check=lambda v: all(0 < float(m) < 1 for m in v),
+    must='fractions of the run in (0, 1)',
+  ),
+  'decay_factor': config_lib.positive("'step' schedule: the lr's factor at each milestone", 0.25),
+  'b1': config_lib.fraction("Adam's β1", 0.9),
+  'b2': config_lib.fraction("Adam's β2", 0.999),
+  'grad_centralization': Setting(
+    False, "subtract each output unit's mean from ≥2-D weight gradients"
+  ),
+}
+
+
+def config(**overrides) -> ml_collections.ConfigDict:
+  """One tree's optimizer settings: the defaults with `overrides`."""
+  c = config_lib.section(SETTINGS)
+  c.update(overrides)
+  return c
 
 
 def schedule(c, total_steps: int) -> optax.Schedule:
@@ -27,18 +65,28 @@ def schedule(c, total_steps: int) -> optax.Schedule:
 
 def centralize_gradients() -> optax.GradientTransformation:
   """Gradient centralisation: subtract each output unit's mean from ≥2-D weight gradients."""
+
   def update(updates, state, params=None):
     del params
+
     def gc(g):
       if g.ndim < 2:
         return g
       return g - jnp.mean(g, axis=tuple(range(g.ndim - 1)), keepdims=True)
+
     return jax.tree.map(gc, updates), state
+
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make(c, total_steps: int) -> optax.GradientTransformation:
-  """(centralise) → clip → weight decay → SGD/Adam: decay is added before the lr scaling."""
+def make(c, total_steps: int, factored: bool = False) -> optax.GradientTransformation:
+  """(centralise) → clip → weight decay → SGD/Adam: decay is added before the lr scaling.
+
+  `factored`: the tree's gradients may come as `LowRank` factors; a `plain_sgd` config then gets
+  `low_rank_sgd`, the same step on the factors.
+  """
+  if factored and plain_sgd(c):
+    return low_rank_sgd(schedule(c, total_steps), c.clip)
   parts = []
   if c.get('grad_centralization', False):
     parts.append(centralize_gradients())
@@ -60,6 +108,7 @@ class LowRank(NamedTuple):
   CCL's feedback kernels see K class prototypes per step, so their gradients have rank ≤ K.
   Averaging over devices is exact on the factors when `a` is the same on every device.
   """
+
   a: jax.Array
   d: jax.Array
 
@@ -78,27 +127,52 @@ def densify(grads):
 
 def plain_sgd(c) -> bool:
   """Whether `make(c)` is SGD with at most clipping and a schedule: what `low_rank_sgd` computes."""
-  return (c.name == 'sgd' and not c.momentum and not c.weight_decay
-          and not c.get('grad_centralization', False))
+  return (
+    c.name == 'sgd'
+    and not c.momentum
+    and not c.weight_decay
+    and not c.get('grad_centralization', False)
+  )
 
 
-def low_rank_sgd(params, grads, lr: jax.Array, clip: float):
-  """params − lr · clip_by_global_norm(grads, clip), grads' kernels given as `LowRank` factors.
+def low_rank_sgd(lr: optax.Schedule, clip: float) -> optax.GradientTransformation:
+  """−lr · clip_by_global_norm(grads, clip) for gradients whose kernels are `LowRank` factors.
 
-  The same update as `make(c)` for a `plain_sgd` config, without ever writing a gradient to
-  memory: ‖aᵀd‖² = Σ (a aᵀ) ⊙ (d dᵀ) comes from K×K Gram matrices, and each kernel's update
-  is one fused pass over it (read W, write W) instead of gradient, norm and update passes.
+  The same update as `make(c)` for a `plain_sgd` config, as factors again (`LowRank(a, −s·d)`),
+  so no gradient is ever written out: ‖aᵀd‖² = Σ (a aᵀ) ⊙ (d dᵀ) comes from K×K Gram matrices,
+  and `apply_updates` adds each kernel's update in one fused pass (read W, write W).
   """
   f32 = lambda x: x.astype(jnp.float32)
   gram = lambda x: jnp.einsum('ki,li->kl', f32(x), f32(x), precision='highest')
-  scale = lr
-  if clip and clip > 0:
-    sq = sum((jnp.sum(gram(g.a) * gram(g.d)) for g in jax.tree.leaves(grads, is_leaf=is_low_rank)),
-             jnp.zeros((), jnp.float32))
-    norm = jnp.sqrt(jnp.maximum(sq, 0.0))
-    scale = jnp.where(norm < clip, lr, lr * clip / norm)
 
-  def step(w, g):
-    a, d = g.a.astype(w.dtype), (g.d * scale).astype(w.dtype)
-    return w - jnp.sum(a[:, :, None] * d[:, None, :], axis=0)
-  return jax.tree.map(step, params, grads, is_leaf=is_low_rank)
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(grads, state, params=None):
+    del params
+    rate = lr(state.count)
+    scale = rate
+    if clip and clip > 0:
+      sq = sum(
+        (jnp.sum(gram(g.a) * gram(g.d)) for g in jax.tree.leaves(grads, is_leaf=is_low_rank)),
+        jnp.zeros((), jnp.float32),
+      )
+      norm = jnp.sqrt(jnp.maximum(sq, 0.0))
+      scale = jnp.where(norm < clip, rate, rate * clip / norm)
+    updates = jax.tree.map(lambda g: LowRank(g.a, g.d * -scale), grads, is_leaf=is_low_rank)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+def apply_updates(params, updates):
+  """`optax.apply_updates`, where a `LowRank` update of a kernel is added in one fused pass."""
+
+  def one(w, u):
+    if not is_low_rank(u):
+      return optax.apply_updates(w, u)
+    a, d = u.a.astype(w.dtype), u.d.astype(w.dtype)
+    return w + jnp.sum(a[:, :, None] * d[:, None, :], axis=0)
+
+  return jax.tree.map(one, params, updates, is_leaf=is_low_rank)

@@ -12,11 +12,14 @@ shard of every batch. Collectives span all processes.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ccl_jax.errors import UserError
 
@@ -24,12 +27,44 @@ AXIS = 'data'
 Chunk = Callable[..., tuple[Any, Any]]
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchAxis:
+  """The one way a loss sees the global batch, whatever the parallel mode.
+
+  `name` is the data-parallel axis (None on one device). Losses that couple examples (CCL's conv
+  pair loss, the sim loss, BatchNorm via `name`) call these instead of writing collectives.
+  """
+
+  name: str | None = None
+
+  def rows(self, x: jax.Array) -> jax.Array:
+    """Every device's rows of `x` stacked in global-batch order (x itself on one device)."""
+    return jax.lax.all_gather(x, self.name, tiled=True) if self.name else x
+
+  def sum(self, x):
+    """Sum over devices (x itself on one device)."""
+    return jax.lax.psum(x, self.name) if self.name else x
+
+  def mean(self, tree):
+    """Mean over devices of every leaf (the tree itself on one device)."""
+    return jax.lax.pmean(tree, self.name) if self.name else tree
+
+  def size(self) -> int:
+    return jax.lax.psum(1, self.name) if self.name else 1
+
+  def index(self):
+    """This device's position on the axis (0 on one device)."""
+    return jax.lax.axis_index(self.name) if self.name else 0
+
+
 def _host(tree):
   """A host (numpy) copy of a tree of replicated arrays, also where they span several hosts."""
+
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       x = x.addressable_data(0)
     return np.asarray(x)
+
   return jax.tree.map(one, tree)
 
 
@@ -45,6 +80,7 @@ class DataParallel:
   def __init__(self, mode: str):
     self.mode = mode
     self.axis_name = None if mode == 'none' else AXIS
+    self.batch_axis = BatchAxis(self.axis_name)
     self.local = jax.local_devices()
     if mode == 'none':
       self.n = 1
@@ -52,16 +88,19 @@ class DataParallel:
     # pmap maps over this process's devices; shard_map's mesh spans every process's devices.
     devices = self.local if mode == 'pmap' else jax.devices()
     self.n = len(self.local) * jax.process_count() if mode == 'pmap' else len(devices)
-    self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,),
-                                  axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = jax.sharding.Mesh(
+      np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     self.replicated = NamedSharding(self.mesh, P())
-    self.stacked = NamedSharding(self.mesh, P(AXIS))      # pmap's leading device axis
+    self.stacked = NamedSharding(self.mesh, P(AXIS))  # pmap's leading device axis
     self.columns = NamedSharding(self.mesh, P(None, AXIS))  # shard_map's split of the batch
 
   def check_batch(self, batch_size: int) -> None:
     if batch_size % self.n:
-      raise UserError(f'config.batch_size={batch_size} does not divide over {self.n} devices '
-                      f'(parallel={self.mode}); use a multiple of {self.n}')
+      raise UserError(
+        f'config.batch_size={batch_size} does not divide over {self.n} devices '
+        f'(parallel={self.mode}); use a multiple of {self.n}'
+      )
 
   def _put(self, x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from the full host copy every process holds."""
@@ -80,8 +119,9 @@ class DataParallel:
       return jax.device_put(state)
     host = _host(state)
     if self.mode == 'pmap':
-      return jax.tree.map(lambda x: self._put(np.broadcast_to(x, (len(self.local),) + x.shape),
-                                              self.stacked), host)
+      return jax.tree.map(
+        lambda x: self._put(np.broadcast_to(x, (len(self.local),) + x.shape), self.stacked), host
+      )
     return jax.tree.map(lambda x: self._put(x, self.replicated), host)
 
   def get_state(self, state):
@@ -102,7 +142,7 @@ class DataParallel:
     if self.mode == 'pmap':
       steps, b = idx.shape
       per_device = idx.reshape(steps, self.n, b // self.n).transpose(1, 0, 2)
-      mine = per_device[jax.process_index() * len(self.local):][:len(self.local)]
+      mine = per_device[jax.process_index() * len(self.local) :][: len(self.local)]
       return self._put(mine, self.stacked)
     if self.mode == 'shard_map':
       return self._put(idx, self.columns)
@@ -122,8 +162,12 @@ class DataParallel:
     if self.mode == 'pmap':
       return jax.pmap(chunk, axis_name=AXIS, in_axes=(0, None, None, 0), donate_argnums=0)
     if self.mode == 'shard_map':
-      sharded = jax.shard_map(chunk, mesh=self.mesh,
-                              in_specs=(P(), P(), P(), P(None, AXIS)),
-                              out_specs=(P(), P()), check_vma=False)
+      sharded = jax.shard_map(
+        chunk,
+        mesh=self.mesh,
+        in_specs=(P(), P(), P(), P(None, AXIS)),
+        out_specs=(P(), P()),
+        check_vma=False,
+      )
       return jax.jit(sharded, donate_argnums=0)
     return jax.jit(chunk, donate_argnums=0)

@@ -19,14 +19,17 @@ def read_records(workdir: str) -> list[dict]:
 
 
 def plot_run(workdir: str, title: str = '') -> str:
-  """Losses, accuracies and (when logged) per-layer alignment angles against epoch; returns the path."""
+  """Losses, accuracies and (when logged) per-layer alignment angles by epoch; returns the path."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   records = read_records(workdir)
   epochs = [r['epoch'] for r in records]
-  angle_keys = sorted({k for r in records for k in r if k.startswith(('weight_angle/', 'delta_angle/'))})
+  angle_keys = sorted(
+    {k for r in records for k in r if k.startswith(('weight_angle/', 'delta_angle/'))}
+  )
   panels = 3 if angle_keys else 2
   fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
   # Rules with local losses log their total as train_loss; compare the task loss with val/test.
@@ -40,8 +43,12 @@ def plot_run(workdir: str, title: str = '') -> str:
   axes[1].set(xlabel='epoch', ylabel='accuracy')
   if angle_keys:
     for key in angle_keys:
-      axes[2].plot(epochs, [r.get(key) for r in records], label=key,
-                   linestyle='-' if key.startswith('weight') else '--')
+      axes[2].plot(
+        epochs,
+        [r.get(key) for r in records],
+        label=key,
+        linestyle='-' if key.startswith('weight') else '--',
+      )
     axes[2].set(xlabel='epoch', ylabel='degrees', ylim=(0, 95))
   for ax in axes:
     ax.grid(alpha=0.3)

@@ -1,11 +1,18 @@
-"""The one training loop every rule runs through: `train_and_evaluate(config, workdir)`."""
+"""The one training loop every rule runs through: `train_and_evaluate(config, workdir)`.
+
+In parts: `Run` (what a run is built from), `resume` (pick up a checkpoint or start), `train_epoch`
+(compiled multi-step calls over one epoch), `evaluate_epoch` (validation, test and alignment
+metrics) and `finish` (the best-by-validation test record and the plots).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -14,14 +21,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ccl_jax import checkpoint
 from ccl_jax import config as config_lib
 from ccl_jax import data as data_lib
-from ccl_jax import rules
-from ccl_jax.checkpoint import Checkpointer, config_to_json
+from ccl_jax import step as step_lib
 from ccl_jax.errors import UserError
 from ccl_jax.parallel import DataParallel
 from ccl_jax.rules.base import Rule, Task, task_loss
-from ccl_jax.state import TrainState
+from ccl_jax.state import TrainState, stream
 
 
 # -- pure pieces --------------------------------------------------------------------------------
@@ -30,36 +37,39 @@ def make_chunk(update, unroll: int = 1, augment=None):
 
   `unroll` is `lax.scan`'s: 0 inlines every step (no loop). XLA:CPU runs convolutions inside a
   while loop ~2× slower than inlined, so conv configs use a few fully unrolled steps per call.
-  `augment` (`data.augmenter`) transforms each gathered batch on device, keyed by the state's key
-  and step and by each example's index.
+  `augment` (`data.augmenter`) transforms each gathered batch on device, keyed by the state's
+  augmentation stream at the step and by each example's index.
   """
+
   def chunk(state: TrainState, images, labels, idx):
     def body(state, batch_idx):
       x = images[batch_idx]
       if augment is not None:
-        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), data_lib.AUGMENT_STREAM)
-        x = augment(x, batch_idx, key)
+        x = augment(x, batch_idx, stream(state.rng, 'augment', state.step))
       return update(state, {'image': x, 'label': labels[batch_idx]})
+
     return jax.lax.scan(body, state, idx, unroll=unroll or True)  # metrics stacked per step
+
   return chunk
 
 
 def epoch_indices(rng: jax.Array, epoch: int, n: int, batch_size: int, shuffle: bool) -> np.ndarray:
   """(steps_per_epoch, batch_size) example indices of one epoch; a function of (rng, epoch)."""
   steps = n // batch_size
-  order = (jax.random.permutation(jax.random.fold_in(rng, epoch), n) if shuffle
-           else jnp.arange(n))
-  return np.asarray(order[:steps * batch_size]).reshape(steps, batch_size)
+  order = jax.random.permutation(jax.random.fold_in(rng, epoch), n) if shuffle else jnp.arange(n)
+  return np.asarray(order[: steps * batch_size]).reshape(steps, batch_size)
 
 
 def make_eval(rule: Rule, loss_kind: str):
   """Jitted (params, extra, images, labels, mask) -> (summed loss, correct count)."""
+
   @jax.jit
   def evaluate(params, extra, images, labels, mask):
     out = rule.predict(params, images, extra)
     per = jax.vmap(lambda o, y: task_loss(o[None], y[None], loss_kind))(out, labels)
-    correct = (jnp.argmax(out, -1) == labels)
+    correct = jnp.argmax(out, -1) == labels
     return jnp.sum(per * mask), jnp.sum(correct * mask)
+
   return evaluate
 
 
@@ -71,11 +81,11 @@ def evaluate_split(evaluate, params, extra, split: data_lib.Split, batch_size: i
   bs = min(batch_size, n)
   total_loss = total_correct = 0.0
   for start in range(0, n, bs):
-    x, y = split.images[start:start + bs], split.labels[start:start + bs]
+    x, y = split.images[start : start + bs], split.labels[start : start + bs]
     mask = np.ones(bs, np.float32)
     if len(y) < bs:
       pad = bs - len(y)
-      mask[len(y):] = 0
+      mask[len(y) :] = 0
       x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
       y = np.concatenate([y, np.zeros(pad, y.dtype)])
     loss, correct = evaluate(params, extra, x, y, mask)
@@ -112,14 +122,11 @@ class MetricsLog:
 
   def add(self, record: dict) -> None:
     if self.write:  # NaN/inf (e.g. no validation split) are written as null: valid JSON
-      record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in record.items()}
+      record = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+      }
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
-
-
-def _scalar(x) -> float:
-  return float(np.asarray(x))
 
 
 def _first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
@@ -129,8 +136,11 @@ def _first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
   if not len(bad):
     return None
   i = int(bad[0])
-  culprits = [k for k in sorted(metrics) if k != 'loss' and 'loss' in k
-              and not np.isfinite(np.asarray(metrics[k])[i])]
+  culprits = [
+    k
+    for k in sorted(metrics)
+    if k != 'loss' and 'loss' in k and not np.isfinite(np.asarray(metrics[k])[i])
+  ]
   return i, (culprits[0] if culprits else 'loss')
 
 
@@ -138,9 +148,277 @@ def summary_line(rec: dict) -> str:
   def num(key, fmt):
     v = rec.get(key)
     return 'n/a' if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
-  return (f"final: test_accuracy={num('test_accuracy', '.4f')} (parameters of epoch "
-          f"{rec['best_epoch']}, val_loss={num('best_val_loss', '.4f')}); "
-          f"{rec['epoch']} epochs, {rec['step']} steps, {num('samples_per_second', '.0f')} samples/s")
+
+  return (
+    f'final: test_accuracy={num("test_accuracy", ".4f")} (parameters of epoch '
+    f'{rec["best_epoch"]}, val_loss={num("best_val_loss", ".4f")}); '
+    f'{rec["epoch"]} epochs, {rec["step"]} steps, {num("samples_per_second", ".0f")} samples/s'
+  )
+
+
+# -- a run --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+  """Everything a run is built from; `state`, `best` and `meta` change as it trains."""
+
+  config: ml_collections.FrozenConfigDict
+  workdir: str
+  data: data_lib.Dataset
+  para: DataParallel
+  learner: step_lib.Learner
+  log: MetricsLog
+  ckpt: checkpoint.Checkpointer
+  state: TrainState
+  best: dict
+  meta: dict
+  steps_per_epoch: int
+  data_rng: jax.Array
+
+  @property
+  def config_json(self) -> dict:
+    return checkpoint.config_to_json(self.config)
+
+  def save(self, state: TrainState, meta: dict) -> None:
+    self.ckpt.save(
+      int(state.step), {'state': state, 'best': self.best}, {**meta, 'config': self.config_json}
+    )
+
+
+def build(config: ml_collections.FrozenConfigDict, workdir: str) -> Run:
+  """Data, devices, the rule with its optimizers, and the initial state."""
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  data = data_lib.load(config)
+  para = DataParallel(config.parallel)
+  para.check_batch(config.batch_size)
+  steps_per_epoch = len(data.train) // config.batch_size
+  task = Task(data.num_classes, data.image_shape, steps_per_epoch * config.num_epochs)
+  learner = step_lib.build(config, task, para.batch_axis)
+  init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  n = config.batch_size // para.n
+  state = learner.init(
+    init_rng,
+    {'image': jnp.asarray(data.train.images[:n]), 'label': jnp.asarray(data.train.labels[:n])},
+  )
+  best = jax.device_get({'params': state.params, 'extra': state.extra})  # host copy
+  return Run(
+    config,
+    workdir,
+    data,
+    para,
+    learner,
+    MetricsLog(workdir, is_main),
+    checkpoint.Checkpointer(workdir, config.keep_checkpoints),
+    state,
+    best,
+    {'epoch': 0, 'best_epoch': 0, 'best_val_loss': float('inf')},
+    steps_per_epoch,
+    data_rng,
+  )
+
+
+def _finished(run: Run) -> dict | None:
+  final = [r for r in run.log.records() if r.get('final')]
+  done = int(run.state.step) >= run.learner.rule.task.total_steps
+  return final[-1] if done and final and final[-1].get('epoch') == run.config.num_epochs else None
+
+
+def move_aside(workdir: str, why: str) -> None:
+  """Moves a previous run's files into `workdir/previous-<time>/` (nothing is deleted)."""
+  names = [
+    n
+    for n in ('checkpoints', 'metrics.jsonl', 'config.json', 'plots')
+    if os.path.exists(os.path.join(workdir, n))
+  ]
+  if not names or jax.process_index() != 0:
+    return
+  aside = os.path.join(workdir, f'previous-{time.strftime("%Y%m%d-%H%M%S")}')
+  os.makedirs(aside)
+  for name in names:
+    shutil.move(os.path.join(workdir, name), aside)
+  print(f'force_retrain: {why}; moved it to {aside}')
+
+
+def resume(run: Run) -> dict | None:
+  """Restores the newest good checkpoint into `run` (or starts fresh); returns the final record
+  instead when the workdir holds this run finished."""
+  c = run.config
+  saved = _saved_config(run.workdir)
+  if c.force_retrain and run.ckpt.steps():
+    finished = any(r.get('final') for r in run.log.records())
+    changed = saved is None or config_lib.changed_keys(saved, run.config_json)
+    if finished or changed:
+      move_aside(
+        run.workdir,
+        'the previous run is finished'
+        if finished
+        else f'the previous run was made by another config ({", ".join(changed or ["?"])})',
+      )
+      run.ckpt = checkpoint.Checkpointer(run.workdir, c.keep_checkpoints)
+      saved = None
+    else:
+      print('force_retrain: the previous run is unfinished and made by this config: resuming it')
+  if saved is not None:
+    config_lib.check_schedule(saved, run.config_json)
+  restored = run.ckpt.restore({'state': run.state, 'best': run.best}, run.config_json)
+  if restored is None:
+    run.log.truncate_after(0)  # records of a run killed before its first checkpoint
+  else:
+    tree, meta = restored
+    run.state, run.best, run.meta = tree['state'], tree['best'], meta
+    final = _finished(run)
+    if final is not None:
+      print(
+        f'{run.workdir} already holds a finished run; raise --config.num_epochs to train '
+        'further, or set --config.force_retrain=True to redo it'
+      )
+      print(summary_line(final))
+      return final
+    run.log.truncate_after(int(run.state.step))
+    print(
+      f'resumed from {run.ckpt.directory} at step {int(run.state.step)} (epoch {meta["epoch"]})'
+    )
+  if jax.process_index() == 0:
+    with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+      json.dump(run.config_json, f, indent=2)
+  return None
+
+
+def _saved_config(workdir: str) -> dict | None:
+  """The config.json of the run already in `workdir`, if any."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def train_epoch(run: Run, epoch: int, fns: dict, arrays) -> tuple[dict, float]:
+  """Trains to the end of `epoch` from `run.state`; returns (per-step metric means, samples/s)."""
+  c, para = run.config, run.para
+  step = int(para.get_state(run.state).step)
+  idx = epoch_indices(run.data_rng, epoch, len(run.data.train), c.batch_size, c.data.shuffle)
+  offset = step - epoch * run.steps_per_epoch
+  per_call = c.steps_per_call or run.steps_per_epoch
+  if c.checkpoint_every_steps:
+    per_call = min(per_call, c.checkpoint_every_steps)
+  bar = _progress(c, epoch, run.steps_per_epoch, offset)
+  partial = run.meta.pop('partial_epoch', None) or {'sums': {}, 'count': 0}
+  sums, count = dict(partial['sums']), partial['count']  # running sums of every step metric
+  train_time, steps_run, last_saved = 0.0, 0, step
+  while offset < run.steps_per_epoch:
+    n = min(per_call, run.steps_per_epoch - offset)
+    chunk_idx = para.split_idx(idx[offset : offset + n])
+    compiled = fns['compiled']
+    if n not in compiled:  # compile ahead of time, so it is not counted as training time
+      t0 = time.perf_counter()
+      compiled[n] = para.ahead_of_time(fns['chunk'], run.state, *arrays, chunk_idx)
+      print(f'compiled a {n}-step call in {time.perf_counter() - t0:.1f}s', flush=True)
+    t0 = time.perf_counter()
+    run.state, metrics = compiled[n](run.state, *arrays, chunk_idx)
+    metrics = para.get_metrics(metrics)  # one host sync per call
+    elapsed = time.perf_counter() - t0
+    train_time += elapsed
+    _stop_if_nonfinite(run, metrics, step, epoch)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
+    count, steps_run, step, offset = count + n, steps_run + n, step + n, offset + n
+    if (
+      c.checkpoint_every_steps
+      and offset < run.steps_per_epoch
+      and step - last_saved >= c.checkpoint_every_steps
+    ):
+      run.save(
+        para.get_state(run.state), {**run.meta, 'partial_epoch': {'sums': sums, 'count': count}}
+      )
+      last_saved = step
+    if bar is not None:
+      bar.update(n)
+      bar.set_postfix(
+        loss=f'{float(np.mean(metrics["loss"])):.4f}',
+        samples_s=f'{n * c.batch_size / max(elapsed, 1e-9):.0f}',
+      )
+  if bar is not None:
+    bar.close()
+  return {k: v / count for k, v in sums.items()}, steps_run * c.batch_size / max(train_time, 1e-9)
+
+
+def _stop_if_nonfinite(run: Run, metrics: dict, step: int, epoch: int) -> None:
+  bad = _first_nonfinite(metrics)
+  if bad is None:
+    return
+  steps = run.ckpt.steps()
+  where = (
+    f'resume from its step {steps[-1]} with a lower lr: rerun with e.g. '
+    f'--config.optimizer.forward.lr=<lower> --config.resume_override=optimizer.forward.lr'
+    if steps
+    else 'no checkpoint yet: rerun with a lower learning rate'
+  )
+  raise UserError(
+    f'non-finite loss at step {step + bad[0] + 1} (epoch {epoch + 1}, rule '
+    f'{run.config.rule}), first in {bad[1]}; the last good checkpoint is kept in '
+    f'{run.ckpt.directory}; {where}'
+  )
+
+
+def evaluate_epoch(run: Run, epoch: int, train_means: dict, sps: float, fns: dict) -> dict:
+  """The epoch's record: train means, validation and test loss/accuracy, alignment metrics;
+  keeps the best-by-validation parameters."""
+  c = run.config
+  state = run.para.get_state(run.state)
+  val = evaluate_split(fns['eval'], state.params, state.extra, run.data.val, c.eval_batch_size)
+  test = evaluate_split(fns['eval'], state.params, state.extra, run.data.test, c.eval_batch_size)
+  record = {
+    'step': int(state.step),
+    'epoch': epoch + 1,
+    'train_loss': train_means['loss'],
+    'val_loss': val['loss'],
+    'val_accuracy': val['accuracy'],
+    'test_loss': test['loss'],
+    'test_accuracy': test['accuracy'],
+    'samples_per_second': sps,
+  }
+  record.update({f'train_{k}': v for k, v in train_means.items() if k != 'loss'})
+  record.update({k: float(np.asarray(v)) for k, v in fns['analyze'](state, fns['batch']).items()})
+  if not len(run.data.val) or val['loss'] < run.meta['best_val_loss']:
+    run.best = jax.device_get({'params': state.params, 'extra': state.extra})
+    run.meta = {**run.meta, 'best_epoch': epoch + 1, 'best_val_loss': val['loss']}
+  run.meta = {**run.meta, 'epoch': epoch + 1}
+  run.log.add(record)
+  print(
+    f'epoch {epoch + 1}/{c.num_epochs}: train_loss {record["train_loss"]:.4f} '
+    f'val_loss {val["loss"]:.4f} val_acc {val["accuracy"]:.4f} '
+    f'test_acc {test["accuracy"]:.4f} ({sps:.0f} samples/s)',
+    flush=True,
+  )
+  if (epoch + 1) % c.checkpoint_every_epochs == 0 or epoch + 1 == c.num_epochs:
+    run.save(state, run.meta)
+  return record
+
+
+def finish(run: Run, sps: float, evaluate) -> dict:
+  """The final record: test accuracy of the best-by-validation parameters; plots."""
+  c = run.config
+  test = evaluate_split(
+    evaluate, run.best['params'], run.best['extra'], run.data.test, c.eval_batch_size
+  )
+  final = {
+    'step': int(run.para.get_state(run.state).step),
+    'epoch': c.num_epochs,
+    'final': True,
+    'test_accuracy': test['accuracy'],
+    'test_loss': test['loss'],
+    'best_epoch': run.meta['best_epoch'],
+    'best_val_loss': run.meta['best_val_loss'],
+    'samples_per_second': sps,
+  }
+  run.log.add(final)
+  if jax.process_index() == 0:
+    from ccl_jax import report
+
+    print(f'plots: {report.plot_run(run.workdir, f"{c.rule} · {c.model} · {c.dataset}")}')
+  print(summary_line(final), flush=True)
+  return final
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -150,160 +428,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Resumes from `workdir/checkpoints` when present; a finished run prints its results instead.
   Returns the final record (test accuracy of the parameters with the lowest validation loss).
   """
-  config_lib.validate(config)
-  config = ml_collections.FrozenConfigDict(config)  # frozen before anything is traced
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  log = MetricsLog(workdir, is_main)
-  cfg_json = config_to_json(config)
-
-  previous = [n for n in ('checkpoints', 'metrics.jsonl', 'config.json', 'plots')
-              if os.path.exists(os.path.join(workdir, n))]
-  if config.force_retrain and previous and is_main:
-    aside = os.path.join(workdir, f'previous-{time.strftime("%Y%m%d-%H%M%S")}')
-    os.makedirs(aside)
-    for name in previous:
-      shutil.move(os.path.join(workdir, name), aside)
-    print(f'force_retrain: moved the previous run to {aside}')
-
-  data = data_lib.load(config)
-  para = DataParallel(config.parallel)
-  para.check_batch(config.batch_size)
-  steps_per_epoch = len(data.train) // config.batch_size
-  total_steps = steps_per_epoch * config.num_epochs
-  task = Task(data.num_classes, data.image_shape, total_steps)
-  rule = rules.get(config, task, axis_name=para.axis_name)
-
-  init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  sample = {'image': jnp.asarray(data.train.images[:config.batch_size // para.n]),
-            'label': jnp.asarray(data.train.labels[:config.batch_size // para.n])}
-  state = rule.init(init_rng, sample)
-  best = jax.device_get({'params': state.params, 'extra': state.extra})  # host copy: state is donated
-  meta = {'epoch': 0, 'best_epoch': 0, 'best_val_loss': float('inf')}
-
-  ckpt = Checkpointer(workdir, config.keep_checkpoints)  # every process joins; Orbax coordinates
-  restored = ckpt.restore({'state': state, 'best': best}, cfg_json)
-  if restored is None:
-    log.truncate_after(0)  # records of a run killed before its first checkpoint
-  else:
-    tree, meta = restored
-    state, best = tree['state'], tree['best']
-    final = [r for r in log.records() if r.get('final')]
-    if int(state.step) >= total_steps and final and final[-1].get('epoch') == config.num_epochs:
-      print(f'{workdir} already holds a finished run; set --config.force_retrain=True to redo it')
-      print(summary_line(final[-1]))
-      return final[-1]
-    log.truncate_after(int(state.step))
-    print(f'resumed from {ckpt.directory} at step {int(state.step)} (epoch {meta["epoch"]})')
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(cfg_json, f, indent=2)
-
-  images, labels = para.put_data(data.train.images), para.put_data(data.train.labels)
-  step_fn = para.compile(make_chunk(rule.update, config.scan_unroll,
-                                     data_lib.augmenter(config)))
-  evaluate = make_eval(rule, config.loss)
-  analysis_batch = {'image': jnp.asarray(data.val.images[:config.analysis_batch_size]
-                                         if len(data.val) else data.train.images[:256]),
-                    'label': jnp.asarray(data.val.labels[:config.analysis_batch_size]
-                                         if len(data.val) else data.train.labels[:256])}
-  analyze = jax.jit(rule.analyze)
-  per_call = config.steps_per_call or steps_per_epoch
-  if config.checkpoint_every_steps:
-    per_call = min(per_call, config.checkpoint_every_steps)
-  ckpt_every = config.checkpoint_every_epochs
-  state = para.put_state(state)
-  compiled: dict[int, Any] = {}
-  step = int(para.get_state(state).step)
-  last_saved = step
+  config = config_lib.finalize(config)  # validated and frozen before anything is traced
+  run = build(config, workdir)
+  done = resume(run)
+  if done is not None:
+    return done
+  rule, para, data = run.learner.rule, run.para, run.data
+  analysis = data.val if len(data.val) else data.train
+  n = config.analysis_batch_size if len(data.val) else 256
+  fns = {
+    'compiled': {},
+    'chunk': para.compile(
+      make_chunk(run.learner.update, config.scan_unroll, data_lib.augmenter(config))
+    ),
+    'eval': make_eval(rule, config.loss),
+    'analyze': jax.jit(rule.analyze),
+    'batch': {'image': jnp.asarray(analysis.images[:n]), 'label': jnp.asarray(analysis.labels[:n])},
+  }
+  arrays = (para.put_data(data.train.images), para.put_data(data.train.labels))
+  run.state = para.put_state(run.state)
   sps = float('nan')
-
-  for epoch in range(step // steps_per_epoch, config.num_epochs):
-    idx = epoch_indices(data_rng, epoch, len(data.train), config.batch_size, config.shuffle)
-    offset = step - epoch * steps_per_epoch
-    bar = _progress(config, epoch, steps_per_epoch, offset)
-    train_time, steps_run = 0.0, 0
-    # Running sums of every per-step training metric (restored from a mid-epoch checkpoint).
-    partial = meta.pop('partial_epoch', None) or {'sums': {}, 'count': 0}
-    sums, count = dict(partial['sums']), partial['count']
-    while offset < steps_per_epoch:
-      n = min(per_call, steps_per_epoch - offset)
-      chunk_idx = para.split_idx(idx[offset:offset + n])
-      if n not in compiled:  # compile ahead of time, so it is not counted as training time
-        t0 = time.perf_counter()
-        compiled[n] = para.ahead_of_time(step_fn, state, images, labels, chunk_idx)
-        print(f'compiled a {n}-step call in {time.perf_counter() - t0:.1f}s', flush=True)
-      t0 = time.perf_counter()
-      state, metrics = compiled[n](state, images, labels, chunk_idx)
-      metrics = para.get_metrics(metrics)  # one host sync per call
-      elapsed = time.perf_counter() - t0
-      train_time += elapsed
-      bad = _first_nonfinite(metrics)
-      if bad is not None:
-        at = step + bad[0] + 1
-        raise UserError(f'non-finite loss at step {at} (epoch {epoch + 1}, rule {config.rule}), '
-                        f'first in {bad[1]}; last good checkpoint kept in {ckpt.directory} '
-                        f'(steps {ckpt.steps() or "none"}); lower the learning rate')
-      for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
-      count += n
-      steps_run += n
-      step += n
-      offset += n
-      if (config.checkpoint_every_steps and offset < steps_per_epoch
-          and step - last_saved >= config.checkpoint_every_steps):
-        ckpt.save(step, {'state': para.get_state(state), 'best': best},
-                  {**meta, 'config': cfg_json,
-                   'partial_epoch': {'sums': sums, 'count': count}})
-        last_saved = step
-      if bar is not None:
-        bar.update(n)
-        bar.set_postfix(loss=f'{float(np.mean(metrics["loss"])):.4f}',
-                        samples_s=f'{n * config.batch_size / max(elapsed, 1e-9):.0f}')
-    sps = steps_run * config.batch_size / max(train_time, 1e-9)
-    if bar is not None:
-      bar.close()
-
-    host_state = para.get_state(state)
-    val = evaluate_split(evaluate, host_state.params, host_state.extra, data.val, config.eval_batch_size)
-    test = evaluate_split(evaluate, host_state.params, host_state.extra, data.test, config.eval_batch_size)
-    record = {'step': step, 'epoch': epoch + 1,
-              'train_loss': sums['loss'] / count,
-              'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
-              'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
-              'samples_per_second': sps, 'epoch_train_seconds': train_time}
-    record.update({f'train_{k}': v / count for k, v in sums.items() if k != 'loss'})
-    record.update({k: _scalar(v) for k, v in analyze(host_state, analysis_batch).items()})
-    if not len(data.val) or val['loss'] < meta['best_val_loss']:
-      best = jax.device_get({'params': host_state.params, 'extra': host_state.extra})
-      meta = {**meta, 'best_epoch': epoch + 1, 'best_val_loss': val['loss']}
-    meta = {**meta, 'epoch': epoch + 1, 'config': cfg_json}
-    log.add(record)
-    print(f"epoch {epoch + 1}/{config.num_epochs}: train_loss {record['train_loss']:.4f} "
-          f"val_loss {val['loss']:.4f} val_acc {val['accuracy']:.4f} "
-          f"test_acc {test['accuracy']:.4f} ({sps:.0f} samples/s)", flush=True)
-    if (epoch + 1) % ckpt_every == 0 or epoch + 1 == config.num_epochs:
-      ckpt.save(step, {'state': host_state, 'best': best}, meta)
-      last_saved = step
-
-  final_test = evaluate_split(evaluate, best['params'], best['extra'], data.test, config.eval_batch_size)
-  final = {'step': step, 'epoch': config.num_epochs, 'final': True,
-           'test_accuracy': final_test['accuracy'], 'test_loss': final_test['loss'],
-           'best_epoch': meta['best_epoch'], 'best_val_loss': meta['best_val_loss'],
-           'samples_per_second': sps}
-  log.add(final)
-  if is_main:
-    from ccl_jax import report
-    final_plot = report.plot_run(workdir, f'{config.rule} · {config.model} · {config.dataset}')
-    print(f'plots: {final_plot}')
-  print(summary_line(final), flush=True)
-  return final
+  for epoch in range(int(para.get_state(run.state).step) // run.steps_per_epoch, config.num_epochs):
+    means, sps = train_epoch(run, epoch, fns, arrays)
+    evaluate_epoch(run, epoch, means, sps, fns)
+  return finish(run, sps, fns['eval'])
 
 
 def _progress(config, epoch: int, total: int, done: int):
-  import sys
   if not config.progress or not sys.stderr.isatty():
     return None  # the per-epoch line is the progress report in logs
   from tqdm import tqdm
-  return tqdm(total=total, initial=done, desc=f'epoch {epoch + 1}/{config.num_epochs}',
-              unit='step', leave=False, mininterval=1.0, dynamic_ncols=True)
+
+  return tqdm(
+    total=total,
+    initial=done,
+    desc=f'epoch {epoch + 1}/{config.num_epochs}',
+    unit='step',
+    leave=False,
+    mininterval=1.0,
+    dynamic_ncols=True,
+  )

@@ -1,7 +1,20 @@
-"""Feedback alignment on conv layers: a narrow cnn_pool body (8-16-16-32-32 channels) on mnist, 2 epochs."""
+"""Feedback alignment conv layers on MNIST: a narrow cnn_pool (quick conv check; no paper table)."""
 
 from ccl_jax import config as config_lib
 
 
 def get_config():
-  return config_lib.small_cnn('mnist', 'fa')
+  c = config_lib.base()
+  c.rule = 'fa'
+  c.dataset = 'mnist'
+  c.model = 'cnn'
+  c.cnn.channels = (8, 16, 16, 32, 32)
+  c.cnn.activation = 'elu'
+  c.batch_size = 128
+  c.num_epochs = 2
+  c.optimizer.forward.update(
+    name='sgd', lr=0.02, momentum=0.9, weight_decay=0.0, clip=1.0, schedule='constant'
+  )
+  c.steps_per_call = 8
+  c.scan_unroll = 0
+  return c

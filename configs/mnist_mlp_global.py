@@ -1,8 +1,29 @@
-"""Global BP on the local-loss MLP 784-3×1024-10 (BN, ReLU) on MNIST (SPEC §3)."""
+"""Nøkland & Eidnes 2019, test-error tables: global BP on MNIST, MLP."""
 
 from ccl_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.local_losses('mnist', 'global', 'mlp')
+  c = config_lib.base()
+  c.rule = 'global'
+  c.dataset = 'mnist'
+  c.model = 'mlp'
+  c.mlp.hidden = (1024, 1024, 1024)
+  c.mlp.activation = 'relu'
+  c.batch_size = 128
+  c.num_epochs = 100
+  c.data.crop_pad = 2
+  c.local.dropout = 0.1
+  c.local.dim_in_decoder = 1024
+  c.optimizer.forward.update(
+    name='adam',
+    lr=0.0005,
+    b1=0.9,
+    b2=0.999,
+    weight_decay=0.0,
+    clip=0.0,
+    schedule='step',
+    milestones=(0.5, 0.75, 0.89, 0.94),
+    decay_factor=0.25,
+  )
   return c

@@ -18,9 +18,11 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = (('weight_angle/', 'weight angle ∠(W, B) (degrees)'),
-          ('delta_angle/', 'delta angle ∠(δ_rule, δ_BP) (degrees)'),
-          ('cka/', 'CKA(forward, feedback activations)'))  # CCL logs cka/; FA-type rules do not
+PANELS = (
+  ('weight_angle/', 'weight angle ∠(W, B) (degrees)'),
+  ('delta_angle/', 'delta angle ∠(δ_rule, δ_BP) (degrees)'),
+  ('cka/', 'CKA(forward, feedback activations)'),
+)  # CCL logs cka/; FA-type rules do not
 STYLES = ('-', '--', ':', '-.')
 
 
@@ -33,7 +35,9 @@ def load_run(arg: str) -> tuple[str, list[dict]]:
   label, _, path = arg.rpartition('=')
   if not label:
     cfg = os.path.join(path, 'config.json')
-    label = json.load(open(cfg)).get('rule', path) if os.path.exists(cfg) else os.path.basename(path)
+    label = (
+      json.load(open(cfg)).get('rule', path) if os.path.exists(cfg) else os.path.basename(path)
+    )
   records = []
   for line in open(os.path.join(path, 'metrics.jsonl')):
     try:
@@ -58,9 +62,14 @@ def plot(runs: list[tuple[str, list[dict]]], out: str, title: str = '') -> None:
         pts = [(r['epoch'], r[key]) for r in records if key in r]
         if pts:
           top = max([top] + [v for _, v in pts if v is not None])
-          ax.plot(*zip(*pts), STYLES[j % len(STYLES)], color=colours[i % len(colours)],
-                  marker='o' if len(pts) < 15 else None, ms=3,
-                  label=f'{label} {key[len(prefix):]}')
+          ax.plot(
+            *zip(*pts),
+            STYLES[j % len(STYLES)],
+            color=colours[i % len(colours)],
+            marker='o' if len(pts) < 15 else None,
+            ms=3,
+            label=f'{label} {key[len(prefix) :]}',
+          )
     ax.set_xlabel('epoch')
     ax.set_ylabel(ylabel)
     if prefix == 'cka/':
@@ -69,8 +78,14 @@ def plot(runs: list[tuple[str, list[dict]]], out: str, title: str = '') -> None:
       ax.set_ylim(0, max(95, top + 5))
       ax.axhline(90, color='grey', lw=0.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc='upper center', bbox_to_anchor=(0.5, -0.14), frameon=False,
-              handlelength=3)
+    ax.legend(
+      fontsize=7,
+      ncol=2,
+      loc='upper center',
+      bbox_to_anchor=(0.5, -0.14),
+      frameon=False,
+      handlelength=3,
+    )
   if title:
     fig.suptitle(title)
   fig.tight_layout()

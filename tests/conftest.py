@@ -12,20 +12,25 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA_DIR = pathlib.Path(os.environ.get('CCL_JAX_DATA_DIR', ROOT.parent / 'shared' / 'data' / 'tfds'))
+DATA_DIR = pathlib.Path(
+  os.environ.get('CCL_JAX_DATA_DIR', ROOT.parent / 'shared' / 'data' / 'tfds')
+)
 
 
 def load_config(name: str, **overrides):
-  """`configs/<name>.py`'s get_config(), with dotted-key overrides ('optimizer.forward.lr')."""
+  """`configs/<name>.py`'s get_config(), with dotted-key overrides ('optimizer.forward.lr'; as a
+  keyword, `__` stands for the dot: `mlp__hidden=(5, 4)`)."""
   spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   for key, value in overrides.items():
     node = config
-    *path, last = key.split('.')
+    *path, last = key.replace('__', '.').split('.')
     for part in path:
       node = node[part]
+    if last not in node:
+      raise KeyError(f'configs/{name}.py has no key {key!r}')
     node[last] = value
   return config
 

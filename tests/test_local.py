@@ -1,26 +1,28 @@
-"""Local error signals (SPEC §3): similarity matrices, locality, closed-form first steps, learning."""
-
-import math
+"""Local error signals: similarity matrices, locality, closed-form first steps, learning."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
-from ccl_jax import rules, train
+from ccl_jax import step as step_lib
+from ccl_jax import train
 from ccl_jax.models import blocks, mlp
 from ccl_jax.rules.base import Task
+
+from conftest import load_config
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 
 def tiny(rule: str, model='mlp', image_shape=(6, 1, 1), k=3, batch=8, seed=0, **overrides):
-  config = load_config('default', rule=rule, model=model, hidden=(5, 4), **overrides)
-  r = rules.get(config, Task(num_classes=k, image_shape=image_shape, total_steps=10))
+  config = load_config('default', rule=rule, model=model, mlp__hidden=(5, 4), **overrides)
+  r = step_lib.build(config, Task(num_classes=k, image_shape=image_shape, total_steps=10))
   rng = np.random.default_rng(seed)
-  batch = {'image': jnp.asarray(rng.normal(size=(batch,) + image_shape), jnp.float32),
-           'label': jnp.asarray(np.arange(batch) % k, jnp.int32)}
+  batch = {
+    'image': jnp.asarray(rng.normal(size=(batch,) + image_shape), jnp.float32),
+    'label': jnp.asarray(np.arange(batch) % k, jnp.int32),
+  }
   return r, r.init(jax.random.PRNGKey(seed), batch), batch
 
 
@@ -45,47 +47,59 @@ def test_similarity_of_conv_features_uses_per_channel_spatial_std():
   np.testing.assert_allclose(blocks.similarity(x), np.clip(c @ c.T, -1, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize('shape,limit,want', [
-    ((32, 32, 128), 2048, (8, 8)), ((32, 32, 256), 2048, (16, 8)), ((16, 16, 256), 2048, (8, 4)),
-    ((8, 8, 512), 2048, (4, 4)), ((4, 4, 128), 2048, (1, 1)), ((2, 2, 4096), 2048, (2, 2))])
+@pytest.mark.parametrize(
+  'shape,limit,want',
+  [
+    ((32, 32, 128), 2048, (8, 8)),
+    ((32, 32, 256), 2048, (16, 8)),
+    ((16, 16, 256), 2048, (8, 4)),
+    ((8, 8, 512), 2048, (4, 4)),
+    ((4, 4, 128), 2048, (1, 1)),
+    ((2, 2, 4096), 2048, (2, 2)),
+  ],
+)
 def test_pred_head_pool_brings_features_under_dim_in_decoder(shape, limit, want):
   assert blocks.pool_size(shape, limit) == want
 
 
-@pytest.mark.parametrize('rule,bio', [('pred', False), ('sim', False), ('predsim', False),
-                                      ('predsim', True)])
+@pytest.mark.parametrize(
+  'rule,bio', [('pred', False), ('sim', False), ('predsim', False), ('predsim', True)]
+)
 def test_each_block_trains_only_on_its_own_loss(rule, bio):
-  r, state, batch = tiny(rule, bio=bio)
+  r, state, batch = tiny(rule, local__bio=bio)
   for _ in range(2):  # off the zero-initialised pred heads, which pass no error back at first
     state, _ = jax.jit(r.update)(state, batch)
   forward, rng = state.params['forward'], jax.random.PRNGKey(1)
 
   def grad_of(term):
-    return jax.grad(lambda p: r.losses(p, state.extra, batch, rng)[1][0][term])(forward)
+    return jax.grad(lambda p: r.rule.losses(p, state.extra, batch, rng)[1][0][term])(forward)
 
   heads = {'pred': ('pred_kernel', 'pred_bias'), 'sim': ('sim',)}
   for block in (1, 2):
-    for head in r.heads:
+    for head in r.rule.heads:
       got = nonzero_leaves(grad_of(f'{head}_loss/block_{block}'))
       assert got and all(f"['block_{block}']" in p for p in got), (head, block, got)
       # The block's own layer learns from it; the other head's parameters do not.
       assert any("['dense']" in p for p in got), got
-      other = [h for h in r.heads if h != head]
+      other = [h for h in r.rule.heads if h != head]
       assert not any(f"['{n}" in p for h in other for n in heads[h] for p in got), got
   top = grad_of('classifier_loss')
   assert {p.split(']')[0] for p in nonzero_leaves(top)} == {"['classifier'"}
   # In the summed loss the classifier's CE is scaled by (1 − β) under predsim only.
-  total = r.loss_and_grads(state, batch, rng)[0]['forward']['classifier']
-  scale = 1 - r.beta if r.heads == ('pred', 'sim') else 1.0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, scale * b, rtol=1e-5, atol=1e-7),
-               total, top['classifier'])
+  total = r.rule.gradients(state, batch, rng)[0]['forward']['classifier']
+  scale = 1 - r.rule.beta if r.rule.heads == ('pred', 'sim') else 1.0
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, scale * b, rtol=1e-5, atol=1e-7),
+    total,
+    top['classifier'],
+  )
 
 
 def test_local_losses_read_the_block_before_dropout():
   r0, state, batch = tiny('predsim')
-  r5 = tiny('predsim', dropout=0.5)[0]
+  r5 = tiny('predsim', local__dropout=0.5)[0]
   args = (state.params['forward'], state.extra, batch, jax.random.PRNGKey(1))
-  m0, m5 = r0.losses(*args)[1][0], r5.losses(*args)[1][0]
+  m0, m5 = r0.rule.losses(*args)[1][0], r5.rule.losses(*args)[1][0]
   for k in ('pred_loss/block_1', 'sim_loss/block_1'):
     assert float(m0[k]) == float(m5[k]), k
   assert float(m0['sim_loss/block_2']) != float(m5['sim_loss/block_2'])
@@ -93,31 +107,36 @@ def test_local_losses_read_the_block_before_dropout():
 
 def test_global_rule_backpropagates_through_every_block():
   r, state, batch = tiny('global')
-  g = jax.grad(lambda p: r.losses(p, state.extra, batch, jax.random.PRNGKey(1))[0])(
-      state.params['forward'])
-  assert {"['block_1']['dense']['kernel']", "['block_2']['dense']['kernel']",
-          "['classifier']['kernel']"} <= nonzero_leaves(g)
+  g = jax.grad(lambda p: r.rule.losses(p, state.extra, batch, jax.random.PRNGKey(1))[0])(
+    state.params['forward']
+  )
+  assert {
+    "['block_1']['dense']['kernel']",
+    "['block_2']['dense']['kernel']",
+    "['classifier']['kernel']",
+  } <= nonzero_leaves(g)
 
 
 def test_first_pred_step_gradient_is_closed_form():
   """Zero-initialised heads: logits 0, so ∂CE/∂W = hᵀ(1/K − onehot)/B, and the loss is log K;
   h = relu(BN(x W)) with batch statistics (scale 1, offset 0, ε = 1e-5)."""
-  r, state, batch = tiny('pred', activation='relu')
+  r, state, batch = tiny('pred', mlp__activation='relu')
   forward = state.params['forward']
-  _, (metrics, _) = r.losses(forward, state.extra, batch, jax.random.PRNGKey(1))
+  _, (metrics, _) = r.rule.losses(forward, state.extra, batch, jax.random.PRNGKey(1))
   np.testing.assert_allclose(metrics['pred_loss/block_1'], np.log(3), rtol=1e-6)
   x = np.asarray(batch['image']).reshape(8, -1)
   z = x @ np.asarray(forward['block_1']['dense']['kernel'])
   h = np.maximum((z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5), 0)
   onehot = np.eye(3)[np.asarray(batch['label'])]
-  grads = r.loss_and_grads(state, batch, jax.random.PRNGKey(1))[0]['forward']
-  np.testing.assert_allclose(grads['block_1']['pred_kernel'], h.T @ (1 / 3 - onehot) / 8,
-                             atol=1e-5)
+  grads = r.rule.gradients(state, batch, jax.random.PRNGKey(1))[0]['forward']
+  np.testing.assert_allclose(grads['block_1']['pred_kernel'], h.T @ (1 / 3 - onehot) / 8, atol=1e-5)
 
 
 def test_bio_pred_heads_use_fixed_feedback_and_binary_codes():
-  r, state, batch = tiny('pred', bio=True)
-  _, (metrics, _) = r.losses(state.params['forward'], state.extra, batch, jax.random.PRNGKey(1))
+  r, state, batch = tiny('pred', local__bio=True)
+  _, (metrics, _) = r.rule.losses(
+    state.params['forward'], state.extra, batch, jax.random.PRNGKey(1)
+  )
   np.testing.assert_allclose(metrics['pred_loss/block_1'], np.log(2), rtol=1e-6)  # BCE at logit 0
   assert state.extra['fixed']['label_projection'].shape == (3, 128)
   step = jax.jit(r.update)
@@ -130,13 +149,14 @@ def test_bio_pred_heads_use_fixed_feedback_and_binary_codes():
   assert float(jnp.abs(w).max()) > 0
   swapped = jax.tree.map(lambda x: x, new.extra)
   swapped['fixed']['block_1']['pred_feedback'] = w
-  grad = lambda extra: jax.grad(lambda p: r.losses(p, extra, batch, jax.random.PRNGKey(1))[1][0][
-      'pred_loss/block_1'])(new.params['forward'])['block_1']['dense']['kernel']
+  grad = lambda extra: jax.grad(
+    lambda p: r.rule.losses(p, extra, batch, jax.random.PRNGKey(1))[1][0]['pred_loss/block_1']
+  )(new.params['forward'])['block_1']['dense']['kernel']
   assert not np.allclose(grad(new.extra), grad(swapped))
 
 
 def test_batch_statistics_update_and_are_used_at_evaluation():
-  r, state, batch = tiny('predsim', dropout=0.5)
+  r, state, batch = tiny('predsim', local__dropout=0.5)
   new, _ = jax.jit(r.update)(state, batch)
   x = np.asarray(batch['image']).reshape(8, -1)
   z = x @ np.asarray(state.params['forward']['block_1']['dense']['kernel'])
@@ -151,12 +171,17 @@ def test_batch_statistics_update_and_are_used_at_evaluation():
     z = h @ np.asarray(p[b]['dense']['kernel'])
     h = np.asarray(act((z - s['mean']) / np.sqrt(s['var'] + 1e-5) * bn['scale'] + bn['bias']))
   want = h @ np.asarray(p['classifier']['kernel']) + np.asarray(p['classifier']['bias'])
-  np.testing.assert_allclose(r.predict(new.params, batch['image'], new.extra), want, atol=1e-5)
+  np.testing.assert_allclose(r.rule.predict(new.params, batch['image'], new.extra), want, atol=1e-5)
 
 
 def test_vgg8b_blocks_run_with_pooled_pred_heads():
-  r, state, batch = tiny('predsim', model='vgg8b', image_shape=(16, 16, 3), feat_mult=1 / 32,
-                         dim_in_decoder=256)
+  r, state, batch = tiny(
+    'predsim',
+    model='vgg8b',
+    image_shape=(16, 16, 3),
+    vgg__feat_mult=1 / 32,
+    local__dim_in_decoder=256,
+  )
   p = state.params['forward']
   assert p['block_1']['conv']['kernel'].shape == (3, 3, 3, 4)
   assert p['block_1']['sim']['kernel'].shape == (3, 3, 4, 4)
@@ -166,7 +191,7 @@ def test_vgg8b_blocks_run_with_pooled_pred_heads():
   assert p['block_7']['dense']['kernel'].shape == (16, 1024)  # the FC block after 4 pools
   new, metrics = jax.jit(r.update)(state, batch)
   assert all(np.isfinite(float(v)) for v in metrics.values()), metrics  # 1×1 maps included
-  assert r.predict(new.params, batch['image'], new.extra).shape == (8, 3)
+  assert r.rule.predict(new.params, batch['image'], new.extra).shape == (8, 3)
 
 
 @pytest.mark.parametrize('rule', ['global', 'predsim'])
@@ -183,11 +208,19 @@ def test_one_mnist_epoch_of_predsim_learns(data_dir, tmp_path):
 
 
 def test_resume_restores_batch_statistics_and_augmentation_exactly(tmp_path):
-  kw = {'num_epochs': 2, 'dropout': 0.2, 'progress': False, 'hidden': (64, 64),
-        'augment_pad': 1, 'augment_flip': True, 'optimizer.forward.schedule': 'constant'}
+  kw = {
+    'num_epochs': 2,
+    'local.dropout': 0.2,
+    'progress': False,
+    'mlp.hidden': (64, 64),
+    'data.crop_pad': 1,
+    'data.flip': True,
+    'optimizer.forward.schedule': 'constant',
+  }
   straight = train.train_and_evaluate(load_config('digits_predsim', **kw), str(tmp_path / 'a'))
-  train.train_and_evaluate(load_config('digits_predsim', **{**kw, 'num_epochs': 1}),
-                           str(tmp_path / 'b'))
+  train.train_and_evaluate(
+    load_config('digits_predsim', **{**kw, 'num_epochs': 1}), str(tmp_path / 'b')
+  )
   resumed = train.train_and_evaluate(load_config('digits_predsim', **kw), str(tmp_path / 'b'))
   assert resumed['test_accuracy'] == straight['test_accuracy']
   assert resumed['test_loss'] == straight['test_loss']

@@ -1,4 +1,4 @@
-"""Scale and durability: parallel modes agree, exact resume after SIGKILL, bad checkpoints, NaN guard."""
+"""Scale and durability: parallel modes agree, exact resume after SIGKILL, bad checkpoints, NaN."""
 
 import json
 import os
@@ -13,12 +13,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, load_config
-from ccl_jax import data as data_lib, rules, train
+from ccl_jax import data as data_lib
+from ccl_jax import rules, train
+from ccl_jax import step as step_lib
 from ccl_jax.checkpoint import Checkpointer
 from ccl_jax.errors import UserError
 from ccl_jax.parallel import DataParallel
 from ccl_jax.rules.base import Task
+
+from conftest import ROOT, load_config
 
 DEVICES = 8
 
@@ -26,9 +29,23 @@ DEVICES = 8
 def in_subprocess_with_devices(test_id: str) -> None:
   """Re-runs one test in a fresh interpreter with 8 simulated CPU devices."""
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}')
-  out = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
-                        f'{__file__}::{test_id}'], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-x',
+      '-p',
+      'no:cacheprovider',
+      f'{__file__}::{test_id}',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 
@@ -41,35 +58,58 @@ def test_pmap_shard_map_and_single_device_agree_for_every_rule():
   if jax.device_count() < DEVICES:
     return in_subprocess_with_devices('test_pmap_shard_map_and_single_device_agree_for_every_rule')
   cases = [(rule, {}) for rule in rules.names()] + [
-      ('predsim', {'model': 'vgg8b', 'feat_mult': 1 / 32}),  # conv BN, per-channel-std similarity
-      ('predsim', {'bio': True}),
-      ('ccl', {'model': 'cnn', 'channels': (4, 8)}),  # the gathered ĤĤᵀ term
-      ('ccl', {'model': 'cnn', 'channels': (4, 8), 'ccl_filter_target': 0.1})]  # rows masked
+    ('predsim', {'model': 'vgg8b', 'vgg.feat_mult': 1 / 32}),  # conv BN, per-channel-std similarity
+    ('predsim', {'local.bio': True}),
+    ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8)}),  # the gathered ĤĤᵀ term
+    ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8), 'ccl.filter_target': 0.1}),
+  ]  # rows masked
   for rule, extra in cases:
     # No clipping: clipping would normalise away a wrong (summed) gradient average.
-    config = load_config('default', rule=rule, hidden=(32, 16), batch_size=32, wm_init_steps=2,
-                         augment_pad=1, augment_flip=True,
-                         **{'optimizer.forward.clip': 0.0, 'optimizer.feedback.clip': 0.0,
-                            'optimizer.forward.lr': 0.1, 'optimizer.feedback.lr': 0.1}, **extra)
+    config = load_config(
+      'default',
+      rule=rule,
+      mlp__hidden=(32, 16),
+      batch_size=32,
+      wm__init_steps=2,
+      data__crop_pad=1,
+      data__flip=True,
+      **{
+        'optimizer.forward.clip': 0.0,
+        'optimizer.feedback.clip': 0.0,
+        'optimizer.forward.lr': 0.1,
+        'optimizer.feedback.lr': 0.1,
+      },
+      **extra,
+    )
     data = data_lib.load(config)
     task = Task(data.num_classes, data.image_shape, total_steps=100)
     idx = np.arange(3 * 32).reshape(3, 32)  # 3 steps of a fixed global batch order
     finals = {}
     for mode in ('none', 'pmap', 'shard_map'):
       para = DataParallel(mode)
-      r = rules.get(config, task, axis_name=para.axis_name)
-      sample = {'image': jnp.asarray(data.train.images[:32 // para.n]),
-                'label': jnp.asarray(data.train.labels[:32 // para.n])}
+      r = step_lib.build(config, task, para.batch_axis)
+      sample = {
+        'image': jnp.asarray(data.train.images[: 32 // para.n]),
+        'label': jnp.asarray(data.train.labels[: 32 // para.n]),
+      }
       state = para.put_state(r.init(jax.random.PRNGKey(0), sample))
       step = para.compile(train.make_chunk(r.update, augment=data_lib.augmenter(config)))
-      state, metrics = step(state, para.put_data(data.train.images),
-                            para.put_data(data.train.labels), para.split_idx(idx))
+      state, metrics = step(
+        state,
+        para.put_data(data.train.images),
+        para.put_data(data.train.labels),
+        para.split_idx(idx),
+      )
       final = jax.device_get(para.get_state(state))
       finals[mode] = (final.params, final.extra, para.get_metrics(metrics))
     for mode in ('pmap', 'shard_map'):
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
-                                                           err_msg=f'{rule} {extra} {mode}'),
-                   finals[mode], finals['none'])
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(
+          a, b, rtol=1e-4, atol=1e-5, err_msg=f'{rule} {extra} {mode}'
+        ),
+        finals[mode],
+        finals['none'],
+      )
 
 
 def test_batch_that_does_not_divide_over_devices_is_refused():
@@ -80,19 +120,31 @@ def test_batch_that_does_not_divide_over_devices_is_refused():
 
 
 def run_main(workdir, *flags: str, **kw):
-  return subprocess.Popen([sys.executable, '-m', 'ccl_jax.main', f'--workdir={workdir}', *flags],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+  return subprocess.Popen(
+    [sys.executable, '-m', 'ccl_jax.main', f'--workdir={workdir}', *flags],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **kw,
+  )
 
 
 def final_tree(workdir) -> dict:
   ckpt = Checkpointer(str(workdir), write=False)
   step = ckpt.steps()[-1]
-  return ckpt.manager.restore(step, args=ocp.args.Composite(tree=ocp.args.StandardRestore()))['tree']
+  return ckpt.manager.restore(step, args=ocp.args.Composite(tree=ocp.args.StandardRestore()))[
+    'tree'
+  ]
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-  flags = ('--config.num_epochs=30', '--config.hidden=(512,512)', '--config.keep_checkpoints=3',
-           '--config.checkpoint_every_steps=7')  # mid-epoch checkpoints too
+  flags = (
+    '--config.num_epochs=30',
+    '--config.mlp.hidden=(512,512)',
+    '--config.keep_checkpoints=3',
+    '--config.checkpoint_every_steps=7',
+  )  # mid-epoch checkpoints too
   straight = run_main(tmp_path / 'straight', *flags)
   assert straight.wait(timeout=600) == 0, straight.stdout.read()
 
@@ -130,7 +182,7 @@ def final_record(workdir) -> dict:
 
 
 def small(tmp_path, **kw):
-  return load_config('default', hidden=(32,), progress=False, **kw)
+  return load_config('default', mlp__hidden=(32,), progress=False, **kw)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
@@ -151,9 +203,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path):
   train.train_and_evaluate(small(tmp_path, num_epochs=1), str(tmp_path))
-  with pytest.raises(UserError, match=r'does not fit this config.*changed keys: hidden'):
-    train.train_and_evaluate(load_config('default', hidden=(48,), num_epochs=2, progress=False),
-                             str(tmp_path))
+  with pytest.raises(UserError, match=r'does not fit this config.*changed keys: mlp.hidden'):
+    train.train_and_evaluate(
+      load_config('default', mlp__hidden=(48,), num_epochs=2, progress=False), str(tmp_path)
+    )
 
 
 @pytest.mark.parametrize('rule,where', [('bp', 'loss'), ('ccl', 'layer_loss/')])
@@ -161,12 +214,14 @@ def test_non_finite_loss_stops_with_step_rule_and_layer(rule, where, tmp_path):
   config = small(tmp_path, rule=rule, num_epochs=3)
   config.optimizer.forward.lr = config.optimizer.feedback.lr = 1e30
   config.optimizer.forward.clip = config.optimizer.feedback.clip = 0.0
-  with pytest.raises(UserError, match=rf'non-finite loss at step \d+ .*rule {rule}\), first in {where}'):
+  with pytest.raises(
+    UserError, match=rf'non-finite loss at step \d+ .*rule {rule}\), first in {where}'
+  ):
     train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_finished_run_prints_results_instead_of_retraining(tmp_path):
-  flags = ('--config.num_epochs=2', '--config.hidden=(32,)')
+  flags = ('--config.num_epochs=2', '--config.mlp.hidden=(32,)')
   first = run_main(tmp_path, *flags)
   assert first.wait(timeout=300) == 0
   again = run_main(tmp_path, *flags)
@@ -178,6 +233,7 @@ def test_finished_run_prints_results_instead_of_retraining(tmp_path):
 
 def free_port() -> int:
   import socket
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -185,16 +241,29 @@ def free_port() -> int:
 
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
 def test_two_processes_match_one(mode, tmp_path):
-  """Multi-host on one machine: 2 processes × 2 CPU devices, gloo collectives, only process 0 logs."""
-  flags = ('--config.num_epochs=2', '--config.hidden=(64,)')
+  """Multi-host on one machine: 2 processes × 2 CPU devices, gloo collectives, one writer."""
+  flags = ('--config.num_epochs=2', '--config.mlp.hidden=(64,)')
   single = run_main(tmp_path / 'single', *flags)
   assert single.wait(timeout=300) == 0
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+  )
   port = free_port()
-  procs = [run_main(tmp_path / 'multi', *flags, '--jax_distributed', f'--config.parallel={mode}',
-                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                    f'--process_id={i}', env=env) for i in range(2)]
+  procs = [
+    run_main(
+      tmp_path / 'multi',
+      *flags,
+      '--jax_distributed',
+      f'--config.parallel={mode}',
+      f'--coordinator_address=127.0.0.1:{port}',
+      '--num_processes=2',
+      f'--process_id={i}',
+      env=env,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
   a, b = final_record(tmp_path / 'single'), final_record(tmp_path / 'multi')
@@ -206,10 +275,16 @@ def test_two_processes_match_one(mode, tmp_path):
 def test_keys_added_to_the_package_keep_old_checkpoints_resumable():
   from ccl_jax import config as config_lib
   from ccl_jax.checkpoint import changed_keys, config_to_json
+
   now = config_to_json(config_lib.base())
-  old = {k: v for k, v in now.items() if k not in ('dropout', 'loss_warmup_steps')}
-  old['optimizer'] = {t: {k: v for k, v in o.items() if k != 'milestones'}
-                      for t, o in now['optimizer'].items()}
+  old = {
+    **now,
+    'local': {k: v for k, v in now['local'].items() if k != 'dropout'},
+    'ccl': {k: v for k, v in now['ccl'].items() if k != 'loss_warmup_steps'},
+  }
+  old['optimizer'] = {
+    t: {k: v for k, v in o.items() if k != 'milestones'} for t, o in now['optimizer'].items()
+  }
   assert changed_keys(old, now) == []
-  assert changed_keys(old, {**now, 'dropout': 0.3}) == ['dropout']
+  assert changed_keys(old, {**now, 'local': {**now['local'], 'dropout': 0.3}}) == ['local.dropout']
   assert changed_keys(now, {**now, 'seed': 1}) == ['seed']

@@ -1,4 +1,4 @@
-"""The local-error-signal networks (SPEC §3): blocks of [Linear | Conv3×3 → BatchNorm → φ → dropout].
+"""Nøkland & Eidnes' local-error-signal nets: [Linear | Conv3×3 → BatchNorm → φ → dropout] blocks.
 
 Each block carries its own local heads, read from the block output before dropout:
 - 'pred': a zero-initialised linear classifier (conv blocks: average-pooled first so that at most
@@ -13,36 +13,44 @@ the unbiased one: a factor B/(B−1) apart).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccl_jax import layers, metrics
+from ccl_jax import layers, metrics, parallel
+from ccl_jax.config import Setting, positive
 from ccl_jax.models.mlp import ACTIVATIONS, kernel_init, sg_if
+
+SECTION = 'vgg'
+SETTINGS = {
+  'feat_mult': positive('conv widths × this', 1.0),
+  'activation': Setting('relu', 'block activation φ', choices=tuple(ACTIVATIONS)),
+}
 
 # Conv widths and 2×2 max-pools ('M') of the VGG bodies; one FC block follows, then the classifier.
 VGG = {
-    'vgg8b': (128, 256, 'M', 256, 512, 'M', 512, 'M', 512, 'M'),
-    'vgg11b': (128, 128, 128, 256, 'M', 256, 512, 'M', 512, 512, 'M', 512, 'M'),
+  'vgg8b': (128, 256, 'M', 256, 512, 'M', 512, 'M', 512, 'M'),
+  'vgg11b': (128, 128, 128, 256, 'M', 256, 512, 'M', 512, 512, 'M', 512, 'M'),
 }
 VGG_FC = 1024
 
 
-def similarity(a: jax.Array, axis_name: str | None = None) -> jax.Array:
+def similarity(a: jax.Array, rows=None) -> jax.Array:
   """S(A) = clip(Â Âᵀ, −1, 1), Â: rows of A centred and L2-normalised (B×B).
 
   Conv features (B, H, W, C) are first reduced to their per-channel spatial std (B, C) (flattened
-  instead when H·W = 1). Under data
-  parallelism the rows of every device are gathered, so S is the global batch's matrix.
+  instead when H·W = 1). `rows` (`parallel.BatchAxis.rows`) gathers every device's rows, so
+  under data parallelism S is the global batch's matrix.
   """
   a = a.astype(jnp.float32)
   if a.ndim == 4 and a.shape[1] * a.shape[2] > 1:
     a = jnp.std(a, axis=(1, 2), ddof=1)
   a = metrics.unit_rows(a, centre=True)
-  if axis_name:
-    a = jax.lax.all_gather(a, axis_name, tiled=True)
+  if rows is not None:
+    a = rows(a)
   return jnp.clip(a @ a.T, -1.0, 1.0)
 
 
@@ -61,7 +69,8 @@ def pool_size(shape: Sequence[int], limit: int) -> tuple[int, int]:
 
 class BlockOptions(nn.Module):
   """Fields every block shares (and the net hands down to its blocks)."""
-  num_pred: int = 10        # outputs of the 'pred' head: classes, or the bio label-code size
+
+  num_pred: int = 10  # outputs of the 'pred' head: classes, or the bio label-code size
   activation: str = 'relu'
   dropout: float = 0.0
   bio: bool = False
@@ -69,21 +78,29 @@ class BlockOptions(nn.Module):
   axis_name: str | None = None
 
   def options(self) -> dict:
-    return {f: getattr(self, f) for f in BlockOptions.__dataclass_fields__
-            if f not in ('parent', 'name')}
+    return {
+      f: getattr(self, f) for f in BlockOptions.__dataclass_fields__ if f not in ('parent', 'name')
+    }
 
 
 class Block(BlockOptions):
   """One block and its local heads; returns (output after dropout, {head: value})."""
+
   features: int = 1
   conv: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, heads: Sequence[str] = ()) -> tuple[jax.Array, dict]:
-    z = self.linear('conv' if self.conv else 'dense')(
-        x if self.conv else x.reshape(x.shape[0], -1))
-    z = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     axis_name=self.axis_name if train else None, name='bn')(z)
+  def __call__(
+    self, x: jax.Array, train: bool, heads: Sequence[str] = ()
+  ) -> tuple[jax.Array, dict]:
+    z = self.linear('conv' if self.conv else 'dense')(x if self.conv else x.reshape(x.shape[0], -1))
+    z = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      axis_name=self.axis_name if train else None,
+      name='bn',
+    )(z)
     h = ACTIVATIONS[self.activation](z)
     out = {}
     pooled = h
@@ -98,16 +115,26 @@ class Block(BlockOptions):
         s = pooled
       else:
         s = self.linear('sim')(h)
-      out['sim'] = similarity(s, self.axis_name if train else None)
-    drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2) if self.conv else (),
-                      deterministic=not train or not self.dropout)  # conv: whole channels
+      gather = parallel.BatchAxis(self.axis_name).rows if train else None
+      out['sim'] = similarity(s, gather)
+    drop = nn.Dropout(
+      self.dropout,
+      broadcast_dims=(1, 2) if self.conv else (),
+      deterministic=not train or not self.dropout,
+    )  # conv: whole channels
     return drop(h), out
 
   def linear(self, name: str) -> nn.Module:
     """The block's kind of layer at its width, no bias: Conv3×3 'SAME' or Dense."""
     if self.conv:
-      return nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False,
-                     kernel_init=kernel_init('torch'), name=name)
+      return nn.Conv(
+        self.features,
+        (3, 3),
+        padding='SAME',
+        use_bias=False,
+        kernel_init=kernel_init('torch'),
+        name=name,
+      )
     return nn.Dense(self.features, use_bias=False, kernel_init=kernel_init('torch'), name=name)
 
   def pred_head(self, p: jax.Array) -> jax.Array:
@@ -116,8 +143,9 @@ class Block(BlockOptions):
     bias = self.param('pred_bias', nn.initializers.zeros, (self.num_pred,))
     if not self.bio:
       return p @ w + bias
-    fixed = self.variable('fixed', 'pred_feedback',
-                          lambda: kernel_init('torch')(self.make_rng('params'), shape)).value
+    fixed = self.variable(
+      'fixed', 'pred_feedback', lambda: kernel_init('torch')(self.make_rng('params'), shape)
+    ).value
     return layers.feedback_dense(p, w, fixed) + bias
 
 
@@ -127,14 +155,16 @@ class BlockNet(BlockOptions):
 
   Returns (logits, [each block's head outputs]).
   """
+
   spec: Sequence[Any] = ()
   num_classes: int = 10
   conv: bool = False
   fc: Sequence[int] = ()
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, local: bool = False,
-               heads: Sequence[str] = ()) -> tuple[jax.Array, list[dict]]:
+  def __call__(
+    self, x: jax.Array, train: bool = False, local: bool = False, heads: Sequence[str] = ()
+  ) -> tuple[jax.Array, list[dict]]:
     h = x if not self.conv or x.ndim == 4 else x.reshape(x.shape + (1,) * (4 - x.ndim))
     found: list[dict] = []
     kinds = [(w, self.conv) for w in self.spec] + [(w, False) for w in self.fc]
@@ -142,8 +172,7 @@ class BlockNet(BlockOptions):
       if w == 'M':
         h = nn.max_pool(h, (2, 2), strides=(2, 2), padding='SAME')
         continue
-      block = Block(features=int(w), conv=conv, **self.options(),
-                    name=f'block_{len(found) + 1}')
+      block = Block(features=int(w), conv=conv, **self.options(), name=f'block_{len(found) + 1}')
       h, out = block(sg_if(h, local), train, heads)
       found.append(out)
     h = sg_if(h, local).reshape(h.shape[0], -1)
@@ -152,14 +181,23 @@ class BlockNet(BlockOptions):
     return logits.astype(jnp.float32), found
 
 
-def make(config, task, axis_name: str | None = None, num_pred: int | None = None) -> BlockNet:
-  """The block net a config names: model 'mlp' (Linear blocks of `config.hidden`), 'vgg8b' or
-  'vgg11b' (conv widths × `config.feat_mult`, then one FC block of 1024)."""
-  common = dict(num_classes=task.num_classes, num_pred=num_pred or task.num_classes,
-                activation=config.activation, dropout=float(config.dropout), bio=bool(config.bio),
-                dim_in_decoder=int(config.dim_in_decoder), axis_name=axis_name)
+def make(
+  config, task, axis_name: str | None, num_pred: int, dropout: float, bio: bool, dim_in_decoder: int
+) -> BlockNet:
+  """The block net of `config.model`: 'mlp' (Linear blocks of `config.mlp.hidden`), 'vgg8b' or
+  'vgg11b' (conv widths × `config.vgg.feat_mult`, then one FC block of 1024)."""
+  common = dict(
+    num_classes=task.num_classes,
+    num_pred=num_pred,
+    dropout=float(dropout),
+    bio=bool(bio),
+    dim_in_decoder=int(dim_in_decoder),
+    axis_name=axis_name,
+  )
   if config.model == 'mlp':
-    return BlockNet(spec=tuple(int(w) for w in config.hidden), **common)
-  mult = float(config.feat_mult)
+    return BlockNet(
+      spec=tuple(int(w) for w in config.mlp.hidden), activation=config.mlp.activation, **common
+    )
+  mult = float(config.vgg.feat_mult)
   spec = tuple(w if w == 'M' else max(1, int(round(w * mult))) for w in VGG[config.model])
-  return BlockNet(spec=spec, conv=True, fc=(VGG_FC,), **common)
+  return BlockNet(spec=spec, conv=True, fc=(VGG_FC,), activation=config.vgg.activation, **common)

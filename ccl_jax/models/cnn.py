@@ -1,15 +1,48 @@
-"""The CCL paper's `cnn_pool` body (SPEC §1.2): [Conv3×3 → φ → MaxPool 2] × len(channels) → Dense → K."""
+"""The CCL paper's `cnn_pool` body: [Conv3×3 → φ → MaxPool 2] × len(channels) → Dense → K."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ccl_jax import config as config_lib
 from ccl_jax import layers
-from ccl_jax.models.mlp import ACTIVATIONS, FeedbackNet, Net, kernel_init, sg_if
+from ccl_jax.models.mlp import (
+  ACTIVATIONS,
+  NET_SETTINGS,
+  FeedbackNet,
+  Net,
+  compute_dtype,
+  kernel_init,
+  net_fields,
+  sg_if,
+)
+
+SETTINGS = {
+  'channels': config_lib.widths(
+    'conv widths, one [Conv3×3 → φ → MaxPool 2] block each', (128, 128, 256, 256, 512)
+  ),
+  **NET_SETTINGS,
+}
+
+
+def forward(config, task, local: bool, feedback: bool = False) -> CNN:
+  return CNN(
+    channels=tuple(config.cnn.channels), **net_fields(config, config.cnn, task, local, feedback)
+  )
+
+
+def feedback(config, task) -> FeedbackCNN:
+  return FeedbackCNN(
+    channels=tuple(config.cnn.channels),
+    image_shape=tuple(task.image_shape),
+    activation=config.cnn.activation,
+    weight_init=config.cnn.init,
+    dtype=compute_dtype(config),
+  )
 
 
 class CNN(Net):
@@ -20,16 +53,30 @@ class CNN(Net):
   convs and the classifier from `layers.FeedbackConv`/`FeedbackDense` (FA, sign symmetry, KP, WM);
   `local=True` stop_gradient's every block's input. Returns (outputs, post-pool block outputs).
   """
+
   channels: Sequence[int] = (128, 128, 256, 256, 512)
 
   def conv(self, features: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
     init = kernel_init(self.weight_init)
     if self.feedback:
-      return layers.FeedbackConv(features=features, kernel_size=(3, 3), padding='SAME',
-                                 activation=act, use_bias=self.use_bias, kernel_init=init, name=name)
-    layer = nn.Conv(features, (3, 3), padding='SAME', use_bias=self.use_bias, kernel_init=init,
-                    dtype=self.dtype,
-                    name=name)
+      return layers.FeedbackConv(
+        features=features,
+        kernel_size=(3, 3),
+        padding='SAME',
+        activation=act,
+        use_bias=self.use_bias,
+        kernel_init=init,
+        name=name,
+      )
+    layer = nn.Conv(
+      features,
+      (3, 3),
+      padding='SAME',
+      use_bias=self.use_bias,
+      kernel_init=init,
+      dtype=self.dtype,
+      name=name,
+    )
     return lambda h: act(layer(h))
 
   @nn.compact
@@ -42,8 +89,9 @@ class CNN(Net):
       h = nn.max_pool(h, (2, 2), strides=(2, 2), padding='SAME')
       hiddens.append(h)
     h = h.reshape(h.shape[0], -1)
-    out = self.dense(self.num_classes, ACTIVATIONS[self.output_activation],
-                     f'layer_{len(self.channels) + 1}')(sg_if(h, self.local))
+    out = self.dense(
+      self.num_classes, ACTIVATIONS[self.output_activation], f'layer_{len(self.channels) + 1}'
+    )(sg_if(h, self.local))
     return out.astype(jnp.float32), hiddens
 
 
@@ -66,6 +114,7 @@ class FeedbackCNN(FeedbackNet):
   as in `FeedbackMLP`; layer_{L+1} is the top Linear. Upsampling resizes to the forward map's
   exact size, so odd sizes (28 → 14 → 7 → 4) mirror too.
   """
+
   channels: Sequence[int] = ()
   image_shape: Sequence[int] = ()
 
@@ -76,16 +125,26 @@ class FeedbackCNN(FeedbackNet):
     sizes = block_sizes(self.image_shape, n)
     widths = [self.image_shape[-1] if len(self.image_shape) == 3 else 1] + list(self.channels)
     k = targets.shape[0]
-    top = nn.Dense(sizes[n][0] * sizes[n][1] * widths[n], use_bias=False,
-                   kernel_init=kernel_init(self.weight_init), dtype=self.dtype,
-                   name=f'layer_{n + 1}')(jax.lax.stop_gradient(targets))
+    top = nn.Dense(
+      sizes[n][0] * sizes[n][1] * widths[n],
+      use_bias=False,
+      kernel_init=kernel_init(self.weight_init),
+      dtype=self.dtype,
+      name=f'layer_{n + 1}',
+    )(jax.lax.stop_gradient(targets))
     g = act(top).reshape((k,) + sizes[n] + (widths[n],))
     out = [None] * (n + 1)
     out[n] = g
     for l in reversed(range(n)):
       g = jax.image.resize(jax.lax.stop_gradient(g), (k,) + sizes[l] + (widths[l + 1],), 'nearest')
-      g = nn.Conv(widths[l], (3, 3), padding='SAME', use_bias=False,
-                  kernel_init=kernel_init(self.weight_init), dtype=self.dtype,
-                  name=f'layer_{l + 1}')(g)
+      g = nn.Conv(
+        widths[l],
+        (3, 3),
+        padding='SAME',
+        use_bias=False,
+        kernel_init=kernel_init(self.weight_init),
+        dtype=self.dtype,
+        name=f'layer_{l + 1}',
+      )(g)
       out[l] = g if l == 0 else act(g)
     return out

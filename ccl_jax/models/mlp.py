@@ -2,21 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ccl_jax import config as config_lib
 from ccl_jax import layers
+from ccl_jax.config import Setting
 
 ACTIVATIONS: dict[str, Callable] = {
-    'elu': nn.elu, 'relu': nn.relu, 'sigmoid': nn.sigmoid, 'tanh': jnp.tanh,
-    'leaky_relu': lambda x: nn.leaky_relu(x, 0.01), 'none': lambda x: x,
+  'elu': nn.elu,
+  'relu': nn.relu,
+  'sigmoid': nn.sigmoid,
+  'tanh': jnp.tanh,
+  'leaky_relu': lambda x: nn.leaky_relu(x, 0.01),
+  'none': lambda x: x,
 }
 
 
 INITS = ('torch', 'glorot_normal')
+
+# What every forward net of dense/conv layers has (the CNN's section shares these).
+NET_SETTINGS = {
+  'activation': Setting('elu', 'hidden activation φ', choices=tuple(ACTIVATIONS)),
+  'output_activation': Setting(
+    'none',
+    "output activation ('sigmoid' for the weight-transport reference MLP)",
+    choices=tuple(ACTIVATIONS),
+  ),
+  'init': Setting(
+    'torch',
+    "kernel init: 'torch' (U(±1/sqrt(fan_in))) or 'glorot_normal' (N(0, 1/(fan_in+fan_out)))",
+    choices=INITS,
+  ),
+  'use_bias': Setting(False, 'biases in every layer'),
+}
+SETTINGS = {'hidden': config_lib.widths('hidden widths', (256, 256)), **NET_SETTINGS}
+
+
+def compute_dtype(config):
+  """None (float32) or the config's `compute_dtype`, e.g. bfloat16 on accelerators."""
+  return None if config.compute_dtype == 'float32' else jnp.dtype(config.compute_dtype)
+
+
+def net_fields(config, section, task, local: bool, feedback: bool) -> dict:
+  """The `Net` fields a model section and the run give."""
+  return dict(
+    num_classes=task.num_classes,
+    activation=section.activation,
+    output_activation=section.output_activation,
+    weight_init=section.init,
+    local=local,
+    feedback=feedback,
+    use_bias=bool(section.use_bias),
+    dtype=compute_dtype(config),
+  )
+
+
+def forward(config, task, local: bool, feedback: bool = False) -> MLP:
+  return MLP(
+    hidden=tuple(config.mlp.hidden), **net_fields(config, config.mlp, task, local, feedback)
+  )
+
+
+def feedback(config, task) -> FeedbackMLP:
+  import math
+
+  return FeedbackMLP(
+    hidden=tuple(config.mlp.hidden),
+    input_dim=math.prod(task.image_shape),
+    activation=config.mlp.activation,
+    weight_init=config.mlp.init,
+    dtype=compute_dtype(config),
+  )
 
 
 def kernel_init(name: str) -> Callable:
@@ -30,20 +91,30 @@ def sg_if(x: jax.Array, cut: bool) -> jax.Array:
   return jax.lax.stop_gradient(x) if cut else x
 
 
-def dense_layer(features: int, act: Callable, name: str, *, weight_init: str, use_bias: bool,
-                feedback: bool, dtype: Any = None) -> Callable[[jax.Array], jax.Array]:
+def dense_layer(
+  features: int,
+  act: Callable,
+  name: str,
+  *,
+  weight_init: str,
+  use_bias: bool,
+  feedback: bool,
+  dtype: Any = None,
+) -> Callable[[jax.Array], jax.Array]:
   """φ(Dense(h)) — a `layers.FeedbackDense` (error through B) when `feedback`. Call it inside a
   module's compact method: the layer binds to that module."""
   init = kernel_init(weight_init)
   if feedback:
-    return layers.FeedbackDense(features=features, activation=act, use_bias=use_bias,
-                                kernel_init=init, name=name)
+    return layers.FeedbackDense(
+      features=features, activation=act, use_bias=use_bias, kernel_init=init, name=name
+    )
   layer = nn.Dense(features, use_bias=use_bias, kernel_init=init, dtype=dtype, name=name)
   return lambda h: act(layer(h))
 
 
 class Net(nn.Module):
   """Fields and the dense layer shared by the forward nets (MLP here, CNN in `cnn.py`)."""
+
   num_classes: int
   activation: str = 'elu'
   output_activation: str = 'none'
@@ -54,8 +125,15 @@ class Net(nn.Module):
   dtype: Any = None  # computation dtype (e.g. bfloat16); parameters stay float32
 
   def dense(self, width: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
-    return dense_layer(width, act, name, weight_init=self.weight_init, use_bias=self.use_bias,
-                       feedback=self.feedback, dtype=self.dtype)
+    return dense_layer(
+      width,
+      act,
+      name,
+      weight_init=self.weight_init,
+      use_bias=self.use_bias,
+      feedback=self.feedback,
+      dtype=self.dtype,
+    )
 
 
 class MLP(Net):
@@ -66,6 +144,7 @@ class MLP(Net):
   `layers.FeedbackDense` (FA, sign symmetry, KP, WM): the error reaches each layer's input through
   the layer's B (collection 'feedback', W's layout) instead of W.
   """
+
   hidden: Sequence[int] = (256, 256)
 
   @nn.compact
@@ -76,13 +155,15 @@ class MLP(Net):
     for i, width in enumerate(self.hidden):
       h = self.dense(width, act, f'layer_{i + 1}')(sg_if(h, self.local))
       hiddens.append(h)
-    out = self.dense(self.num_classes, ACTIVATIONS[self.output_activation],
-                     f'layer_{len(self.hidden) + 1}')(sg_if(h, self.local))
+    out = self.dense(
+      self.num_classes, ACTIVATIONS[self.output_activation], f'layer_{len(self.hidden) + 1}'
+    )(sg_if(h, self.local))
     return out.astype(jnp.float32), hiddens
 
 
 class FeedbackNet(nn.Module):
   """Fields the feedback twins (`FeedbackMLP`, `cnn.FeedbackCNN`) share."""
+
   activation: str = 'elu'
   weight_init: str = 'torch'
   dtype: Any = None
@@ -97,6 +178,7 @@ class FeedbackMLP(FeedbackNet):
   directly than as a K-deep matmul on CPU. Pre-activations are marked `perturb('preact_<l+1>')`
   so the error arriving at each layer can be read (CCL's low-rank feedback gradients).
   """
+
   hidden: Sequence[int] = ()
   input_dim: int = 1
 
@@ -108,10 +190,17 @@ class FeedbackMLP(FeedbackNet):
     out = [None] * len(widths)
     for l in reversed(range(len(widths))):
       # V_{l+1}: width[l+1] (or K) -> width[l]
-      g = nn.Dense(widths[l], use_bias=False, kernel_init=kernel_init(self.weight_init),
-                   dtype=self.dtype, dot_general=layers.few_rows_dot_general,
-                   name=f'layer_{l + 1}')(jax.lax.stop_gradient(g))
-      g = self.perturb(f'preact_{l + 1}', g)  # a no-op unless a 'perturbations' collection is passed
+      g = nn.Dense(
+        widths[l],
+        use_bias=False,
+        kernel_init=kernel_init(self.weight_init),
+        dtype=self.dtype,
+        dot_general=layers.few_rows_dot_general,
+        name=f'layer_{l + 1}',
+      )(jax.lax.stop_gradient(g))
+      g = self.perturb(
+        f'preact_{l + 1}', g
+      )  # a no-op unless a 'perturbations' collection is passed
       g = g if l == 0 else act(g)
       out[l] = g
     return out

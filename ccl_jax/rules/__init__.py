@@ -1,20 +1,31 @@
-"""Registry of learning rules: name -> Rule class."""
+"""Registry of learning rules: name -> rule module (its `make`, `SETTINGS`, optional `check`)."""
 
 from __future__ import annotations
 
 from ccl_jax.errors import UserError
-from ccl_jax.rules import (backprop, counter_current, feedback_alignment, kolen_pollack,
-                           local_losses, weight_mirror)
+from ccl_jax.parallel import BatchAxis
+from ccl_jax.rules import (
+  backprop,
+  counter_current,
+  feedback_alignment,
+  kolen_pollack,
+  local_losses,
+  sign_symmetry,
+  weight_mirror,
+)
 from ccl_jax.rules.base import Rule, Task
 
-REGISTRY: dict[str, type[Rule]] = {
-    'bp': backprop.Backprop,
-    'ccl': counter_current.CounterCurrent,
-    'fa': feedback_alignment.FeedbackRule,
-    'sign_symmetry': feedback_alignment.SignSymmetry,
-    'kp': kolen_pollack.KolenPollack,
-    'wm': weight_mirror.WeightMirror,
-    **{name: local_losses.LocalLosses for name in local_losses.VARIANTS},
+REGISTRY = {
+  'bp': backprop,
+  'ccl': counter_current,
+  'fa': feedback_alignment,
+  'sign_symmetry': sign_symmetry,
+  'kp': kolen_pollack,
+  'wm': weight_mirror,
+  'global': local_losses,
+  'pred': local_losses,
+  'sim': local_losses,
+  'predsim': local_losses,
 }
 
 
@@ -22,8 +33,8 @@ def names() -> tuple[str, ...]:
   return tuple(REGISTRY)
 
 
-def get(config, task: Task, axis_name: str | None = None) -> Rule:
+def get(config, task: Task, batch_axis: BatchAxis = BatchAxis()) -> Rule:
   """Builds the rule named by `config.rule`, or fails with one line naming it."""
   if config.rule not in REGISTRY:
     raise UserError(f"unknown rule '{config.rule}'; choose one of {', '.join(names())}")
-  return REGISTRY[config.rule](config, task, axis_name)
+  return REGISTRY[config.rule].make(config, task, batch_axis)

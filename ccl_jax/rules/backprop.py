@@ -1,19 +1,19 @@
-"""BP: the forward net trained end to end by its task loss."""
+"""BP: the forward net trained end to end by its task loss (the smallest rule: a template)."""
 
 from __future__ import annotations
 
 import jax
 
-from ccl_jax.models import build
+from ccl_jax import models
 from ccl_jax.rules import base
+
+MIXED_PRECISION = True  # supports config.compute_dtype='bfloat16'
 
 
 class Backprop(base.Rule):
-  name = 'bp'
-
-  def __init__(self, config, task, axis_name=None):
-    super().__init__(config, task, axis_name)
-    self.model = build.forward(config, task, local=False)
+  def __init__(self, config, task, batch_axis=base.BatchAxis()):
+    super().__init__(config, task, batch_axis)
+    self.model = models.forward(config, task, local=False)
 
   def init_params(self, rng, images):
     return {'forward': self.model.init(rng, images)['params'], 'feedback': {}}, {}
@@ -26,6 +26,9 @@ class Backprop(base.Rule):
     loss = base.task_loss(out, batch['label'], self.config.loss)
     return loss, {'loss': loss, 'accuracy': base.accuracy(out, batch['label'])}
 
-  def loss_and_grads(self, state, batch, rng):
+  def gradients(self, state, batch, rng):
     grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, batch)
     return grads, metrics, state.extra
+
+
+make = Backprop

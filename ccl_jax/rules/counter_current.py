@@ -10,10 +10,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccl_jax import config as config_lib
 from ccl_jax import metrics as metrics_lib
-from ccl_jax import optim
-from ccl_jax.models import build
+from ccl_jax import models, optim
+from ccl_jax.errors import UserError
+from ccl_jax.parallel import BatchAxis
 from ccl_jax.rules import base
+
+MIXED_PRECISION = True  # supports config.compute_dtype='bfloat16'
+SETTINGS = {
+  'loss_scale': config_lib.non_negative('c: weight of the layer-wise pair losses', 0.5),
+  'self_scale': config_lib.non_negative(
+    'conv nets: weight s of the ĤĤᵀ and ĜĜᵀ decorrelation terms', 0.5
+  ),
+  'loss_warmup_steps': config_lib.non_negative(
+    'conv nets: the loss scaled by step/N over the first N steps (0 = off)', 0
+  ),
+  'filter_target': config_lib.fraction(
+    'conv nets: samples with p(true class) above this skip the pair losses (0 = off)', 0.0
+  ),
+}
+NORMALIZED = ('cnn',)  # models whose pair loss is the normalised one (SPEC §1.2)
+
+
+def check(config) -> None:
+  c = config.ccl
+  if config.model not in NORMALIZED:
+    for key in ('loss_warmup_steps', 'filter_target'):
+      if c[key]:
+        raise UserError(
+          f"config.ccl.{key}={c[key]} is used on model 'cnn' only, not '{config.model}'"
+        )
 
 
 def prototype_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, scale: float) -> jax.Array:
@@ -23,7 +50,7 @@ def prototype_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, scale: float) 
 
 def _loss_and_residual(h, g, onehot, scale):
   r = (h @ g.T).astype(jnp.float32) - onehot
-  return (256.0 * scale / h.shape[-1]) * jnp.mean(r ** 2), r
+  return (256.0 * scale / h.shape[-1]) * jnp.mean(r**2), r
 
 
 def _prototype_grad(h, g, r, scale):
@@ -33,8 +60,15 @@ def _prototype_grad(h, g, r, scale):
   return (coef * (r.astype(h.dtype).T @ h)).astype(g.dtype)
 
 
-def normalized_pair_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, c: float, s: float,
-                         axis_name: str | None = None, keep: jax.Array | None = None) -> jax.Array:
+def normalized_pair_loss(
+  h: jax.Array,
+  g: jax.Array,
+  onehot: jax.Array,
+  c: float,
+  s: float,
+  batch_axis: BatchAxis = BatchAxis(),
+  keep: jax.Array | None = None,
+) -> jax.Array:
   """The conv nets' pair loss (SPEC §1.2), rows flattened and L2-normalised (Ĥ: batch, Ĝ: K
   prototypes): c·mean((ĤĜᵀ − Y)²) + s·mean((ĤĤᵀ − I_B)²) + s·mean((ĜĜᵀ − I_K)²).
 
@@ -44,45 +78,52 @@ def normalized_pair_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, c: float
   """
   hn, gn = metrics_lib.unit_rows(h), metrics_lib.unit_rows(g)
   keep = jnp.ones(hn.shape[0], jnp.float32) if keep is None else keep.astype(jnp.float32)
-  gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True) if axis_name else x
-  local_rows = jnp.sum(keep)
-  rows = jax.lax.psum(local_rows, axis_name) if axis_name else local_rows
-  n_dev = jax.lax.psum(1, axis_name) if axis_name else 1
+  rows = batch_axis.sum(jnp.sum(keep))
+  n_dev = batch_axis.size()
   # Per device: its kept rows' share of the global mean, × devices (the caller's pmean undoes it).
-  cross = jnp.sum(keep[:, None] * (hn @ gn.T - onehot) ** 2) * n_dev / (
-      jnp.maximum(rows, 1.0) * onehot.shape[-1])
-  all_h, all_keep = gather(hn), gather(keep)
+  cross = (
+    jnp.sum(keep[:, None] * (hn @ gn.T - onehot) ** 2)
+    * n_dev
+    / (jnp.maximum(rows, 1.0) * onehot.shape[-1])
+  )
+  all_h, all_keep = batch_axis.rows(hn), batch_axis.rows(keep)
   pair = all_keep[:, None] * all_keep[None, :]
   self_h = jnp.sum(pair * (all_h @ all_h.T - jnp.eye(all_h.shape[0])) ** 2) / jnp.maximum(
-      rows * rows, 1.0)
+    rows * rows, 1.0
+  )
   self_g = jnp.mean((gn @ gn.T - jnp.eye(gn.shape[0])) ** 2)
   return c * cross + s * (self_h + self_g)
 
 
 def adjoint(w: jax.Array) -> jax.Array:
-  """The kernel of a layer's adjoint map in the feedback layer's layout: dense (in, out) → (out, in);
-  conv (kh, kw, in, out) → spatially flipped (kh, kw, out, in) (stride 1, 'SAME')."""
+  """The kernel of a layer's adjoint map in the feedback layer's layout: dense (in, out) →
+  (out, in); conv (kh, kw, in, out) → spatially flipped (kh, kw, out, in) (stride 1, 'SAME')."""
   return w.T if w.ndim == 2 else jnp.flip(w, (0, 1)).swapaxes(2, 3)
 
 
 class CounterCurrent(base.Rule):
-  name = 'ccl'
-
-  def __init__(self, config, task, axis_name=None):
-    super().__init__(config, task, axis_name)
-    self.model = build.forward(config, task, local=True)
-    self.feedback = build.feedback(config, task)
+  def __init__(self, config, task, batch_axis=BatchAxis()):
+    super().__init__(config, task, batch_axis)
+    self.c = config.ccl
+    self.model = models.forward(config, task, local=True)
+    self.feedback = models.feedback(config, task)
     # MLP: raw dot-product pair loss, computed in phases; with plain SGD on the feedback tree its
-    # rank-K kernel gradients stay factored (optim.LowRank). CNN: the normalised pair loss.
-    self.normalized = config.model == 'cnn'
+    # rank-K kernel gradients stay factored (optim.LowRank, stepped by optim.low_rank_sgd).
+    # CNN: the normalised pair loss.
+    self.normalized = config.model in NORMALIZED
     self.low_rank = not self.normalized and optim.plain_sgd(config.optimizer.feedback)
-    self.feedback_lr = optim.schedule(config.optimizer.feedback, task.total_steps)
+
+  @property
+  def factored(self):
+    return ('feedback',) if self.low_rank else ()
 
   def init_params(self, rng, images):
     f_rng, b_rng = jax.random.split(rng)
     eye = jnp.eye(self.task.num_classes)
-    return {'forward': self.model.init(f_rng, images)['params'],
-            'feedback': self.feedback.init(b_rng, eye)['params']}, {}
+    return {
+      'forward': self.model.init(f_rng, images)['params'],
+      'feedback': self.feedback.init(b_rng, eye)['params'],
+    }, {}
 
   def predict(self, params, images, extra=None):
     return self.model.apply({'params': params['forward']}, images)[0]
@@ -95,13 +136,14 @@ class CounterCurrent(base.Rule):
     """
     x, y = batch['image'], batch['label']
     out, hiddens = self.model.apply({'params': params['forward']}, x)
-    prototypes = self.feedback.apply({'params': params['feedback']},
-                                     jnp.eye(self.task.num_classes))  # computed once per step
+    prototypes = self.feedback.apply(
+      {'params': params['feedback']}, jnp.eye(self.task.num_classes)
+    )  # computed once per step
     onehot = jax.nn.one_hot(y, self.task.num_classes)
     acts = [x] + hiddens
     task = base.task_loss(out, y, self.config.loss)
     metrics = {'task_loss': task, 'accuracy': base.accuracy(out, y)}
-    keep, threshold = None, float(self.config.ccl_filter_target)
+    keep, threshold = None, float(self.c.filter_target)
     if threshold:  # samples already classified with p(true class) > threshold leave the pair losses
       p_true = jnp.take_along_axis(jax.nn.softmax(jax.lax.stop_gradient(out)), y[:, None], 1)[:, 0]
       keep = p_true <= threshold
@@ -109,16 +151,17 @@ class CounterCurrent(base.Rule):
     total = task
     for l, (h, g) in enumerate(zip(acts, prototypes)):
       if self.normalized:
-        term = normalized_pair_loss(h, g, onehot, self.config.loss_scale_c,
-                                    self.config.ccl_self_scale, self.axis_name, keep)
+        term = normalized_pair_loss(
+          h, g, onehot, self.c.loss_scale, self.c.self_scale, self.batch_axis, keep
+        )
       else:
-        term = prototype_loss(h.reshape(h.shape[0], -1), g, onehot, self.config.loss_scale_c)
+        term = prototype_loss(h.reshape(h.shape[0], -1), g, onehot, self.c.loss_scale)
       metrics[f'layer_loss/{l}'] = term
       total = total + term
     metrics['loss'] = total
     return total, metrics
 
-  def loss_and_grads(self, state, batch, rng):
+  def gradients(self, state, batch, rng):
     """The gradient of `losses`, computed in three sequenced phases.
 
     Because every layer's input is cut, the forward net's gradient needs the prototypes only as
@@ -132,7 +175,7 @@ class CounterCurrent(base.Rule):
     params = state.params
     if self.normalized:  # conv nets: one gradient of the plain objective
       grads, metrics = jax.grad(self.losses, has_aux=True)(params, batch)
-      warm = int(self.config.loss_warmup_steps)
+      warm = int(self.c.loss_warmup_steps)
       if warm:  # the loss (so every gradient) scaled by step/warm over the first `warm` steps
         scale = jnp.minimum(1.0, (state.step + 1).astype(jnp.float32) / warm)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
@@ -140,51 +183,61 @@ class CounterCurrent(base.Rule):
     x, y = batch['image'], batch['label']
     k = self.task.num_classes
     onehot = jax.nn.one_hot(y, k)
-    scale = self.config.loss_scale_c
+    scale = self.c.loss_scale
     eye = jnp.eye(k)
     if self.low_rank:  # differentiate w.r.t. the pre-activations: the errors d of each layer
-      probes = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: self.feedback.apply({'params': params['feedback']}, eye,
-                                      mutable=['perturbations'])[1]['perturbations']))
-      prototypes, feedback_vjp = jax.vjp(lambda z: self.feedback.apply(
-          {'params': params['feedback'], 'perturbations': z}, eye), probes)
+      probes = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(
+          lambda: self.feedback.apply(
+            {'params': params['feedback']}, eye, mutable=['perturbations']
+          )[1]['perturbations']
+        ),
+      )
+      prototypes, feedback_vjp = jax.vjp(
+        lambda z: self.feedback.apply({'params': params['feedback'], 'perturbations': z}, eye),
+        probes,
+      )
     else:
       prototypes, feedback_vjp = jax.vjp(
-          lambda p: self.feedback.apply({'params': p}, eye), params['feedback'])
+        lambda p: self.feedback.apply({'params': p}, eye), params['feedback']
+      )
     x, prototypes = jax.lax.optimization_barrier((x, prototypes))
 
     def forward_loss(p):  # pair 0 (input vs g_0) has no forward parameter: it joins phase 3
       out, hiddens = self.model.apply({'params': p}, x)
       task = base.task_loss(out, y, self.config.loss)
-      terms, residuals = zip(*[_loss_and_residual(h, g, onehot, scale)
-                               for h, g in zip(hiddens, prototypes[1:])])
+      terms, residuals = zip(
+        *[_loss_and_residual(h, g, onehot, scale) for h, g in zip(hiddens, prototypes[1:])]
+      )
       return task + sum(terms), (hiddens, out, task, list(terms), list(residuals))
 
     (total, (hiddens, out, task, terms, residuals)), forward_grads = jax.value_and_grad(
-        forward_loss, has_aux=True)(params['forward'])
+      forward_loss, has_aux=True
+    )(params['forward'])
     hiddens, residuals, forward_grads = jax.lax.optimization_barrier(
-        (hiddens, residuals, forward_grads))
+      (hiddens, residuals, forward_grads)
+    )
     acts = [x.reshape(x.shape[0], -1)] + hiddens
     first, r0 = _loss_and_residual(acts[0], prototypes[0], onehot, scale)
     # Each prototype's gradient in closed form from its pair's residual (phase 2 computed those).
-    prototype_grads = [_prototype_grad(h, g, r, scale)
-                       for h, g, r in zip(acts, prototypes, [r0] + residuals)]
+    prototype_grads = [
+      _prototype_grad(h, g, r, scale) for h, g, r in zip(acts, prototypes, [r0] + residuals)
+    ]
     feedback_grads = feedback_vjp(prototype_grads)[0]
     if self.low_rank:  # feedback layer l+1 reads g_{l+1} (the top one the targets), emits error d
       errors, inputs = feedback_grads, list(prototypes[1:]) + [eye]
-      feedback_grads = {f'layer_{l + 1}': {'kernel': optim.LowRank(a, errors[f'preact_{l + 1}'])}
-                        for l, a in enumerate(inputs)}
-    metrics = {'loss': total + first, 'task_loss': task, 'accuracy': base.accuracy(out, y),
-               **{f'layer_loss/{l}': t for l, t in enumerate([first] + terms)}}
+      feedback_grads = {
+        f'layer_{l + 1}': {'kernel': optim.LowRank(a, errors[f'preact_{l + 1}'])}
+        for l, a in enumerate(inputs)
+      }
+    metrics = {
+      'loss': total + first,
+      'task_loss': task,
+      'accuracy': base.accuracy(out, y),
+      **{f'layer_loss/{l}': t for l, t in enumerate([first] + terms)},
+    }
     return {'forward': forward_grads, 'feedback': feedback_grads}, metrics, state.extra
-
-  def apply_tree(self, tree, state, grads):
-    """The feedback tree's low-rank gradients take `optim.low_rank_sgd` (the same SGD step)."""
-    if tree != 'feedback' or not self.low_rank:
-      return super().apply_tree(tree, state, grads)
-    c = self.config.optimizer.feedback
-    params = optim.low_rank_sgd(state.params[tree], grads, self.feedback_lr(state.step), c.clip)
-    return params, state.opt_state[tree]  # optax's state is unused on this path
 
   def analyze(self, state, batch):
     """SPEC §1.4: per pair l, cka/pair_l = linear CKA between the forward activations h_l of the
@@ -197,8 +250,13 @@ class CounterCurrent(base.Rule):
     _, hiddens = self.model.apply({'params': forward}, x)
     prototypes = self.feedback.apply({'params': feedback}, jnp.eye(self.task.num_classes))
     acts = [x] + hiddens
-    out = {f'cka/pair_{l}': metrics_lib.linear_cka(h, g[y])
-           for l, (h, g) in enumerate(zip(acts, prototypes))}
+    out = {
+      f'cka/pair_{l}': metrics_lib.linear_cka(h, g[y])
+      for l, (h, g) in enumerate(zip(acts, prototypes))
+    }
     adjoints = {n: {'kernel': adjoint(p['kernel'])} for n, p in forward.items()}
     out.update(metrics_lib.weight_metrics(adjoints, feedback))  # ‖adjoint(W)‖ = ‖W‖
     return out
+
+
+make = CounterCurrent

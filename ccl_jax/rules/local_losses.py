@@ -6,7 +6,7 @@ Rules (`config.rule`), all on the same `models.blocks.BlockNet` (Linear/Conv →
 - 'sim':     each block: mean squared difference of the similarity matrices of its sim head's
              output and of the one-hot labels (over all B² pairs);
 - 'predsim': each block (1−β)·pred + β·sim, and the classifier's CE scaled by (1−β).
-With `config.bio` the labels are replaced by a fixed random 128-dim projection of the one-hot code:
+With `local.bio` the labels are replaced by a fixed random 128-dim projection of the one-hot code:
 pred heads are feedback-alignment layers trained by sigmoid BCE on the binarised code, sim
 compares to the projected codes' similarity, and β defaults to 0.01 (0.99 otherwise).
 
@@ -20,47 +20,79 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ccl_jax import config as config_lib
+from ccl_jax.config import Setting
 from ccl_jax.errors import UserError
 from ccl_jax.models import blocks
+from ccl_jax.parallel import BatchAxis
 from ccl_jax.rules import base
+from ccl_jax.state import stream
 
 VARIANTS = {'global': (), 'pred': ('pred',), 'sim': ('sim',), 'predsim': ('pred', 'sim')}
 MODELS = ('mlp', 'vgg8b', 'vgg11b')
-PROJECTION_STREAM = 0xB10
+SECTION = 'local'
+SETTINGS = {
+  'dropout': config_lib.fraction(
+    'dropout after every block (the losses read the block before it)', 0.0
+  ),
+  'bio': Setting(False, "the 'bio' variants: fixed random label codes, FA pred heads"),
+  'code_size': config_lib.positive('bio: size of the projected label code', 128),
+  'beta': Setting(
+    -1.0,
+    "predsim's β in (1−β)·pred + β·sim; −1 = 0.99 (0.01 with bio)",
+    check=lambda v: 0 <= v <= 1 or v == -1,
+    must='in [0, 1] (or -1)',
+  ),
+  'dim_in_decoder': config_lib.positive(
+    "conv blocks: the pred head's input is average-pooled down to at most this many features", 2048
+  ),
+}
+
+
+def check(config) -> None:
+  if config.model not in MODELS:
+    raise UserError(f"rule '{config.rule}' runs on model {', '.join(MODELS)}, not '{config.model}'")
+  if config.loss != 'ce':
+    raise UserError(
+      f"rule '{config.rule}' trains and evaluates by cross-entropy: set "
+      f"config.loss='ce', not '{config.loss}'"
+    )
+  if config.local.bio and config.rule == 'global':
+    raise UserError("config.local.bio=True needs a local rule (pred, sim or predsim), not 'global'")
 
 
 class LocalLosses(base.Rule):
-  name = 'predsim'
-
-  def __init__(self, config, task, axis_name=None):
-    super().__init__(config, task, axis_name)
-    if config.model not in MODELS:
-      raise UserError(f"rule '{config.rule}' runs on model mlp, vgg8b or vgg11b, not "
-                      f"'{config.model}'")
-    if config.loss != 'ce':
-      raise UserError(f"rule '{config.rule}' trains and evaluates by cross-entropy: set "
-                      f"config.loss='ce', not '{config.loss}'")
-    self.name = config.rule
+  def __init__(self, config, task, batch_axis=BatchAxis()):
+    super().__init__(config, task, batch_axis)
+    c = config.local
     self.heads = VARIANTS[config.rule]
-    self.bio = bool(config.bio)
-    if self.bio and config.rule == 'global':
-      raise UserError("config.bio=True needs a local rule (pred, sim or predsim), not 'global'")
-    beta = config.local_beta if config.local_beta >= 0 else (0.01 if self.bio else 0.99)
-    self.beta = float(beta)
-    self.model = blocks.make(config, task, axis_name,
-                             num_pred=int(config.bio_code_size) if self.bio else None)
+    self.bio = bool(c.bio)
+    self.beta = float(c.beta if c.beta >= 0 else (0.01 if self.bio else 0.99))
+    self.model = blocks.make(
+      config,
+      task,
+      batch_axis.name,
+      num_pred=int(c.code_size) if self.bio else task.num_classes,
+      dropout=c.dropout,
+      bio=c.bio,
+      dim_in_decoder=c.dim_in_decoder,
+    )
 
   def init_params(self, rng, images):
     params_rng, proj_rng = jax.random.split(rng)
-    variables = self.model.init({'params': params_rng}, images, train=False,
-                                 local=bool(self.heads), heads=self.heads)
+    variables = self.model.init(
+      {'params': params_rng}, images, train=False, local=bool(self.heads), heads=self.heads
+    )
     variables = dict(variables)
     extra = {k: v for k, v in variables.items() if k != 'params'}
     if self.bio:
       # Fixed random projection of the one-hot label (K → code size), N(0, 1).
-      extra['fixed'] = {**extra.get('fixed', {}), 'label_projection': jax.random.normal(
-          jax.random.fold_in(proj_rng, PROJECTION_STREAM),
-          (self.task.num_classes, int(self.config.bio_code_size)))}
+      extra['fixed'] = {
+        **extra.get('fixed', {}),
+        'label_projection': jax.random.normal(
+          stream(proj_rng, 'projection'), (self.task.num_classes, int(self.config.local.code_size))
+        ),
+      }
     return {'forward': variables['params'], 'feedback': {}}, extra
 
   def predict(self, params, images, extra=None):
@@ -72,26 +104,32 @@ class LocalLosses(base.Rule):
     return onehot @ extra['fixed']['label_projection'] if self.bio else onehot
 
   def losses(self, forward: dict, extra: dict, batch: base.Batch, rng: jax.Array):
-    if self.axis_name and self.config.dropout:
+    if self.batch_axis.name and self.config.local.dropout:
       # Each device draws its own masks, so with dropout a run depends on the device count.
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(self.axis_name))
+      rng = jax.random.fold_in(rng, self.batch_axis.index())
     (logits, found), new_stats = self.model.apply(
-        {'params': forward, **extra}, batch['image'], train=True, local=bool(self.heads),
-        heads=self.heads, rngs={'dropout': rng}, mutable=['batch_stats'])
+      {'params': forward, **extra},
+      batch['image'],
+      train=True,
+      local=bool(self.heads),
+      heads=self.heads,
+      rngs={'dropout': rng},
+      mutable=['batch_stats'],
+    )
     labels = batch['label']
     codes = self.label_codes(labels, extra)
     top = base.task_loss(logits, labels, 'ce')
     metrics = {'accuracy': base.accuracy(logits, labels), 'classifier_loss': top}
     total = (1.0 - self.beta if self.heads == ('pred', 'sim') else 1.0) * top
     if 'sim' in self.heads:  # the global batch's label similarity (gathered over devices)
-      all_codes = jax.lax.all_gather(codes, self.axis_name, tiled=True) if self.axis_name else codes
-      target_sim = blocks.similarity(all_codes)
+      target_sim = blocks.similarity(self.batch_axis.rows(codes))
     for i, out in enumerate(found):
       parts = {}
       if 'pred' in out:
         if self.bio:
           parts['pred'] = optax.sigmoid_binary_cross_entropy(
-              out['pred'], (codes > 0).astype(jnp.float32)).mean()
+            out['pred'], (codes > 0).astype(jnp.float32)
+          ).mean()
         else:
           parts['pred'] = base.task_loss(out['pred'], labels, 'ce')
       if 'sim' in out:
@@ -105,7 +143,11 @@ class LocalLosses(base.Rule):
     metrics['loss'] = total
     return total, (metrics, {**extra, **new_stats})
 
-  def loss_and_grads(self, state, batch, rng):
+  def gradients(self, state, batch, rng):
     grads, (metrics, extra) = jax.grad(self.losses, has_aux=True)(
-        state.params['forward'], state.extra, batch, rng)
+      state.params['forward'], state.extra, batch, rng
+    )
     return {'forward': grads, 'feedback': {}}, metrics, extra
+
+
+make = LocalLosses

@@ -1,0 +1,65 @@
+"""The pure training step every rule runs through: `Learner.init` and `Learner.update`.
+
+A `Learner` pairs a rule with one optax transformation per parameter tree. `update(state, batch)`
+asks the rule for its gradients, averages them (and the metrics) over the data-parallel axis,
+runs each tree's optimizer and lets the rule turn the updates into parameters. It is a pure
+function of its inputs: `jit`, `pmap` and `shard_map` wrap it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ccl_jax import optim, rules
+from ccl_jax.parallel import BatchAxis
+from ccl_jax.rules.base import TREES, Batch, Metrics, Rule, Task
+from ccl_jax.state import TrainState, stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  rule: Rule
+  tx: dict[str, optax.GradientTransformation]
+
+  def init(self, rng: jax.Array, sample_batch: Batch) -> TrainState:
+    init_rng, rng = jax.random.split(rng)
+    params, extra = self.rule.init_params(init_rng, sample_batch['image'])
+    opt_state = {t: self.tx[t].init(params[t]) for t in TREES}
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng, extra=extra
+    )
+
+  def update(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One training step."""
+    grads, metrics, extra = self.rule.gradients(
+      state, batch, stream(state.rng, 'update', state.step)
+    )
+    grads, metrics = self.rule.batch_axis.mean((grads, metrics))
+    updates, opt_state = {}, dict(state.opt_state)
+    for t in TREES:  # a tree without gradients (FA's B, BP's empty feedback) keeps its state
+      if jax.tree.leaves(grads[t], is_leaf=optim.is_low_rank):
+        updates[t], opt_state[t] = self.tx[t].update(grads[t], state.opt_state[t], state.params[t])
+      else:
+        updates[t] = None
+    params = self.rule.apply_updates(state.params, updates, state)
+    return state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, extra=extra
+    ), metrics
+
+
+def learner(rule: Rule) -> Learner:
+  """`rule` with the optimizers of its config's `optimizer` blocks."""
+  tx = {
+    t: optim.make(rule.config.optimizer[t], rule.task.total_steps, factored=t in rule.factored)
+    for t in TREES
+  }
+  return Learner(rule, tx)
+
+
+def build(config, task: Task, batch_axis: BatchAxis = BatchAxis()) -> Learner:
+  """The rule `config.rule` with the optimizers of `config.optimizer`."""
+  return learner(rules.get(config, task, batch_axis))
