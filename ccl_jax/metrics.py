@@ -115,6 +115,16 @@ def delta_angles(
   return out
 
 
+def update_angles(rule: PyTree, backprop: PyTree) -> dict[str, jax.Array]:
+  """update_angle/<layer> = ∠(the rule's kernel update, BP's) in degrees, for every kernel."""
+  ours, bp = leaves_by_path(rule), leaves_by_path(backprop)
+  return {
+    f'update_angle/{layer_name(p)}': angle_degrees(ours[p], bp[p])
+    for p in sorted(ours, key=lambda p: _natural(layer_name(p)))
+    if p[-1] == 'kernel'
+  }
+
+
 def unit_rows(x: jax.Array, centre: bool = False) -> jax.Array:
   """Rows flattened to float32 (centred first if `centre`) and L2-normalised; the norm is floored
   at 1e-8, so a zero row stays zero with a finite gradient."""

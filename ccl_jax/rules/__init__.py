@@ -7,6 +7,8 @@ from ccl_jax.parallel import BatchAxis
 from ccl_jax.rules import (
   backprop,
   counter_current,
+  direct_feedback,
+  drtp,
   feedback_alignment,
   kolen_pollack,
   local_losses,
@@ -26,6 +28,8 @@ REGISTRY = {
   'pred': local_losses,
   'sim': local_losses,
   'predsim': local_losses,
+  'dfa': direct_feedback,
+  'drtp': drtp,
 }
 
 
