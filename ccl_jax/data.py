@@ -38,6 +38,12 @@ SETTINGS = {
   'pad_mode': Setting(
     'zero', "crop padding: 'zero' (the channel mean) or 'edge'", choices=('zero', 'edge')
   ),
+  'train_split': Setting(
+    'train',
+    "tfds split(s) the training and validation sets come from: 'train', or "
+    "'train+unlabelled' (STL-10's 100k unlabelled images too: autoencoders only)",
+    choices=('train', 'train+unlabelled'),
+  ),
 }
 
 # name -> (tfds name, per-channel mean, per-channel std, classes); stats from SPEC §1.1.
@@ -46,6 +52,7 @@ TFDS = {
   'fashion_mnist': ('fashion_mnist', (0.2860,), (0.3530,), 10),
   'cifar10': ('cifar10', (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
   'cifar100': ('cifar100', (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
+  'stl10': ('stl10', (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10),  # 96×96
 }
 DATASETS = ('digits',) + tuple(TFDS)
 
@@ -163,7 +170,16 @@ def load(config) -> Dataset:
     train, test, k = _digits(standardise=how == 'mean_std')
   elif name in TFDS:
     tfds_name, mean, std, k = TFDS[name]
-    train = _normalise(_cached(tfds_name, 'train', data_dir(config), d.cache_dir), mean, std, how)
+    split = d.get('train_split', 'train')
+    if split != 'train':
+      from ccl_jax import models
+
+      if name != 'stl10' or models.task_kind(config.model) != 'reconstruction':
+        raise UserError(
+          f"config.data.train_split='{split}' adds STL-10's unlabelled images, for a "
+          f"reconstruction model ('ae'), not dataset '{name}' with model '{config.model}'"
+        )
+    train = _normalise(_cached(tfds_name, split, data_dir(config), d.cache_dir), mean, std, how)
     test = _normalise(_cached(tfds_name, 'test', data_dir(config), d.cache_dir), mean, std, how)
   else:
     raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")

@@ -33,12 +33,22 @@ class Learner:
       step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng, extra=extra
     )
 
-  def update(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One training step."""
-    grads, metrics, extra = self.rule.gradients(
-      state, batch, stream(state.rng, 'update', state.step)
+  def step_tree(self, state: TrainState, tree: str, grads: dict) -> TrainState:
+    """One optimizer step on one tree: `grads` averaged over devices, the tree's optax
+    transformation, `optim.apply_updates` (a rule's extra steps, see `Rule.before_update`)."""
+    grads = self.rule.batch_axis.mean(grads)
+    updates, opt = self.tx[tree].update(grads, state.opt_state[tree], state.params[tree])
+    return state.replace(
+      params={**state.params, tree: optim.apply_updates(state.params[tree], updates)},
+      opt_state={**state.opt_state, tree: opt},
     )
-    grads, metrics = self.rule.batch_axis.mean((grads, metrics))
+
+  def update(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One training step (after the rule's own steps, if it takes any before it)."""
+    rng = stream(state.rng, 'update', state.step)
+    state, before = self.rule.before_update(state, batch, rng, self.step_tree)
+    grads, metrics, extra = self.rule.gradients(state, batch, rng)
+    grads, metrics = self.rule.batch_axis.mean((grads, {**before, **metrics}))
     updates, opt_state = {}, dict(state.opt_state)
     for t in TREES:  # a tree without gradients (FA's B, BP's empty feedback) keeps its state
       if jax.tree.leaves(grads[t], is_leaf=optim.is_low_rank):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ccl_jax import checkpoint
+from ccl_jax import checkpoint, models
 from ccl_jax import config as config_lib
 from ccl_jax import data as data_lib
 from ccl_jax import step as step_lib
@@ -60,26 +60,39 @@ def epoch_indices(rng: jax.Array, epoch: int, n: int, batch_size: int, shuffle: 
   return np.asarray(order[: steps * batch_size]).reshape(steps, batch_size)
 
 
+# What evaluation reports besides the loss, per task kind (`Task.kind`, from the model module).
+EVAL_METRIC = {'classification': 'accuracy', 'reconstruction': 'mse'}
+
+
 def make_eval(rule: Rule, loss_kind: str):
-  """Jitted (params, extra, images, labels, mask) -> (summed loss, correct count)."""
+  """Jitted (params, extra, images, labels, mask) -> {'loss': summed loss, metric: sum}: the
+  metric is the correct count for classification; for reconstruction the summed per-image pixel
+  MSE of the outputs against the images, which is also the loss (so selection by validation loss
+  is selection by validation MSE)."""
+  metric = EVAL_METRIC[rule.task.kind]
 
   @jax.jit
   def evaluate(params, extra, images, labels, mask):
     out = rule.predict(params, images, extra)
+    if metric == 'mse':
+      per = jnp.mean((out - images) ** 2, axis=tuple(range(1, out.ndim)))
+      return {'loss': jnp.sum(per * mask), 'mse': jnp.sum(per * mask)}
     per = jax.vmap(lambda o, y: task_loss(o[None], y[None], loss_kind))(out, labels)
     correct = jnp.argmax(out, -1) == labels
-    return jnp.sum(per * mask), jnp.sum(correct * mask)
+    return {'loss': jnp.sum(per * mask), 'accuracy': jnp.sum(correct * mask)}
 
+  evaluate.metric = metric
   return evaluate
 
 
 def evaluate_split(evaluate, params, extra, split: data_lib.Split, batch_size: int) -> dict:
-  """Loss and accuracy over a whole split, in fixed-size padded batches (one compilation)."""
+  """Loss and the task's metric (`make_eval`) over a whole split, averaged per example, in
+  fixed-size padded batches (one compilation)."""
   n = len(split)
   if n == 0:
-    return {'loss': float('nan'), 'accuracy': float('nan')}
+    return {'loss': float('nan'), getattr(evaluate, 'metric', 'accuracy'): float('nan')}
   bs = min(batch_size, n)
-  total_loss = total_correct = 0.0
+  totals = {}
   for start in range(0, n, bs):
     x, y = split.images[start : start + bs], split.labels[start : start + bs]
     mask = np.ones(bs, np.float32)
@@ -88,19 +101,26 @@ def evaluate_split(evaluate, params, extra, split: data_lib.Split, batch_size: i
       mask[len(y) :] = 0
       x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
       y = np.concatenate([y, np.zeros(pad, y.dtype)])
-    loss, correct = evaluate(params, extra, x, y, mask)
-    total_loss += float(loss)
-    total_correct += float(correct)
-  return {'loss': total_loss / n, 'accuracy': total_correct / n}
+    for k, v in evaluate(params, extra, x, y, mask).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return {k: v / n for k, v in totals.items()}
 
 
 # -- logging ------------------------------------------------------------------------------------
 class MetricsLog:
-  """metrics.jsonl: one JSON object per evaluation (only process 0 writes)."""
+  """metrics.jsonl: one JSON object per evaluation, mirrored as TensorBoard scalars (tensorboardX,
+  no TensorFlow) in one event file beside it; only process 0 writes either.
+
+  The event file follows metrics.jsonl: when a run starts or resumes (`truncate_after`) it is
+  rewritten from the records kept, so a workdir holds one event file whose steps match the log.
+  Scalars are tagged by record key at the record's `step`; the final record's under `final/`.
+  """
 
   def __init__(self, workdir: str, write: bool):
+    self.workdir = workdir
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.write = write
+    self._events = None  # the SummaryWriter, opened on first use
 
   def records(self) -> list[dict]:
     if not os.path.exists(self.path):
@@ -115,10 +135,14 @@ class MetricsLog:
 
   def truncate_after(self, step: int) -> None:
     """On resume: drop records written after the checkpoint we resume from."""
-    if self.write and os.path.exists(self.path):
+    if not self.write:
+      return
+    keep = []
+    if os.path.exists(self.path):
       keep = [r for r in self.records() if r.get('step', 0) <= step and not r.get('final')]
       with open(self.path, 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in keep)
+    self._restart_events(keep)
 
   def add(self, record: dict) -> None:
     if self.write:  # NaN/inf (e.g. no validation split) are written as null: valid JSON
@@ -127,6 +151,37 @@ class MetricsLog:
       }
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+      self._scalars(record)
+      if self._events is not None:
+        self._events.flush()
+        if record.get('final'):
+          self._events.close()
+          self._events = None
+
+  def _restart_events(self, records: list[dict]) -> None:
+    """Replaces the workdir's event files by one holding `records` (derived data: the log keeps
+    everything)."""
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+    for name in os.listdir(self.workdir):
+      if name.startswith('events.out.tfevents.'):
+        os.remove(os.path.join(self.workdir, name))
+    for r in records:
+      self._scalars(r)
+    if self._events is not None:
+      self._events.flush()
+
+  def _scalars(self, record: dict) -> None:
+    if self._events is None:
+      from tensorboardX import SummaryWriter
+
+      self._events = SummaryWriter(self.workdir, flush_secs=3600)
+    prefix = 'final/' if record.get('final') else ''
+    for k, v in record.items():
+      if k not in ('step', 'epoch', 'final') and isinstance(v, (int, float)):
+        if not isinstance(v, bool):
+          self._events.add_scalar(prefix + k, v, global_step=int(record.get('step', 0)))
 
 
 def _first_nonfinite(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
@@ -149,8 +204,9 @@ def summary_line(rec: dict) -> str:
     v = rec.get(key)
     return 'n/a' if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
+  key = 'test_mse' if 'test_mse' in rec else 'test_accuracy'
   return (
-    f'final: test_accuracy={num("test_accuracy", ".4f")} (parameters of epoch '
+    f'final: {key}={num(key, ".4f")} (parameters of epoch '
     f'{rec["best_epoch"]}, val_loss={num("best_val_loss", ".4f")}); '
     f'{rec["epoch"]} epochs, {rec["step"]} steps, {num("samples_per_second", ".0f")} samples/s'
   )
@@ -192,7 +248,12 @@ def build(config: ml_collections.FrozenConfigDict, workdir: str) -> Run:
   para = DataParallel(config.parallel)
   para.check_batch(config.batch_size)
   steps_per_epoch = len(data.train) // config.batch_size
-  task = Task(data.num_classes, data.image_shape, steps_per_epoch * config.num_epochs)
+  task = Task(
+    data.num_classes,
+    data.image_shape,
+    steps_per_epoch * config.num_epochs,
+    models.task_kind(config.model),
+  )
   learner = step_lib.build(config, task, para.batch_axis)
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   n = config.batch_size // para.n
@@ -372,10 +433,8 @@ def evaluate_epoch(run: Run, epoch: int, train_means: dict, sps: float, fns: dic
     'step': int(state.step),
     'epoch': epoch + 1,
     'train_loss': train_means['loss'],
-    'val_loss': val['loss'],
-    'val_accuracy': val['accuracy'],
-    'test_loss': test['loss'],
-    'test_accuracy': test['accuracy'],
+    **{f'val_{k}': v for k, v in val.items()},  # loss and accuracy (classification) or mse
+    **{f'test_{k}': v for k, v in test.items()},
     'samples_per_second': sps,
   }
   record.update({f'train_{k}': v for k, v in train_means.items() if k != 'loss'})
@@ -385,10 +444,12 @@ def evaluate_epoch(run: Run, epoch: int, train_means: dict, sps: float, fns: dic
     run.meta = {**run.meta, 'best_epoch': epoch + 1, 'best_val_loss': val['loss']}
   run.meta = {**run.meta, 'epoch': epoch + 1}
   run.log.add(record)
+  metric = fns['eval'].metric
+  short = {'accuracy': 'acc'}.get(metric, metric)
   print(
     f'epoch {epoch + 1}/{c.num_epochs}: train_loss {record["train_loss"]:.4f} '
-    f'val_loss {val["loss"]:.4f} val_acc {val["accuracy"]:.4f} '
-    f'test_acc {test["accuracy"]:.4f} ({sps:.0f} samples/s)',
+    f'val_loss {val["loss"]:.4f} val_{short} {val[metric]:.4f} '
+    f'test_{short} {test[metric]:.4f} ({sps:.0f} samples/s)',
     flush=True,
   )
   if (epoch + 1) % c.checkpoint_every_epochs == 0 or epoch + 1 == c.num_epochs:
@@ -406,7 +467,7 @@ def finish(run: Run, sps: float, evaluate) -> dict:
     'step': int(run.para.get_state(run.state).step),
     'epoch': c.num_epochs,
     'final': True,
-    'test_accuracy': test['accuracy'],
+    **{f'test_{k}': v for k, v in test.items() if k != 'loss'},
     'test_loss': test['loss'],
     'best_epoch': run.meta['best_epoch'],
     'best_val_loss': run.meta['best_val_loss'],

@@ -61,8 +61,10 @@ def test_pmap_shard_map_and_single_device_agree_for_every_rule():
     ('predsim', {'model': 'vgg8b', 'vgg.feat_mult': 1 / 32}),  # conv BN, per-channel-std similarity
     ('predsim', {'local.bio': True}),
     ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8)}),  # the gathered ĤĤᵀ term
-    ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8), 'ccl.filter_target': 0.1}),
-  ]  # rows masked
+    ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8), 'ccl.filter_target': 0.1}),  # rows masked
+    ('bp', {'model': 'resnet20', 'resnet.width_mult': 0.25}),  # BatchNorm over the global batch
+    ('kp', {'model': 'resnet20', 'resnet.width_mult': 0.25}),
+  ]
   for rule, extra in cases:
     # No clipping: clipping would normalise away a wrong (summed) gradient average.
     config = load_config(

@@ -8,31 +8,45 @@ the mirrored feedback twin `feedback(config, task)` (CCL).
 from __future__ import annotations
 
 from ccl_jax.errors import UserError
-from ccl_jax.models import blocks, cnn, mlp
+from ccl_jax.models import autoencoder, blocks, cnn, mlp, resnet
 
 REGISTRY = {
   'mlp': mlp,  # dense layers; the local-loss rules build it as Linear → BN blocks
   'cnn': cnn,  # the CCL paper's cnn_pool
   'vgg8b': blocks,  # the local-loss rules' VGG block nets (section 'vgg')
   'vgg11b': blocks,
+  'ae': autoencoder,  # CCL's convolutional autoencoder (task 'reconstruction', section 'ae')
+  'resnet18': resnet,  # residual nets, ImageNet stem (section 'resnet')
+  'resnet50': resnet,
+  'resnet20': resnet,  # CIFAR stem
+  'resnet56': resnet,
 }
 
 
-def forward(config, task, local: bool, feedback: bool = False):
+def task_kind(name: str) -> str:
+  """What model `name` is trained and scored for: 'classification' (logits, accuracy) or
+  'reconstruction' (the input image, pixel MSE); a model module says so in `TASK`."""
+  return getattr(REGISTRY[name], 'TASK', 'classification')
+
+
+def forward(config, task, local: bool, feedback: bool = False, axis_name: str | None = None):
   """The forward net of `config.model`; `feedback=True` builds it from feedback-aware layers (FA,
-  KP, WM, sign symmetry); `local=True` cuts every layer's input with stop_gradient."""
+  KP, WM, sign symmetry); `local=True` cuts every layer's input with stop_gradient; `axis_name`
+  (the data-parallel axis) gives nets with BatchNorm the global batch's statistics."""
   module = REGISTRY[config.model]
   if not hasattr(module, 'forward'):
     raise UserError(
       f"model '{config.model}' is built for the local-loss rules (global, pred, "
       f"sim, predsim), not rule '{config.rule}'"
     )
-  return module.forward(config, task, local=local, feedback=feedback)
+  net = module.forward(config, task, local=local, feedback=feedback)
+  return net.clone(axis_name=axis_name) if axis_name and hasattr(net, 'axis_name') else net
 
 
-def feedback(config, task):
+def feedback(config, task, axis_name: str | None = None):
   """The mirrored feedback twin of `config.model` (CCL)."""
   module = REGISTRY[config.model]
   if not hasattr(module, 'feedback'):
     raise UserError(f"model '{config.model}' has no feedback twin for rule '{config.rule}'")
-  return module.feedback(config, task)
+  net = module.feedback(config, task)
+  return net.clone(axis_name=axis_name) if axis_name and hasattr(net, 'axis_name') else net

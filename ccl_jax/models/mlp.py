@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
-INITS = ('torch', 'glorot_normal')
+INITS = ('torch', 'glorot_normal', 'orthogonal')
 
 # What every forward net of dense/conv layers has (the CNN's section shares these).
 NET_SETTINGS = {
@@ -35,7 +36,8 @@ NET_SETTINGS = {
   ),
   'init': Setting(
     'torch',
-    "kernel init: 'torch' (U(±1/sqrt(fan_in))) or 'glorot_normal' (N(0, 1/(fan_in+fan_out)))",
+    "kernel init: 'torch' (U(±1/sqrt(fan_in))), 'glorot_normal' (N(0, 1/(fan_in+fan_out))) "
+    "or 'orthogonal' (the target-propagation reference's)",
     choices=INITS,
   ),
   'use_bias': Setting(False, 'biases in every layer'),
@@ -69,8 +71,6 @@ def forward(config, task, local: bool, feedback: bool = False) -> MLP:
 
 
 def feedback(config, task) -> FeedbackMLP:
-  import math
-
   return FeedbackMLP(
     hidden=tuple(config.mlp.hidden),
     input_dim=math.prod(task.image_shape),
@@ -81,7 +81,10 @@ def feedback(config, task) -> FeedbackMLP:
 
 
 def kernel_init(name: str) -> Callable:
-  """'torch': PyTorch's nn.Linear default U(±1/sqrt(fan_in)); 'glorot_normal': N(0, 1/(in+out))."""
+  """'torch': PyTorch's nn.Linear default U(±1/sqrt(fan_in)); 'glorot_normal': N(0, 1/(in+out));
+  'orthogonal': orthonormal rows or columns (gain 1)."""
+  if name == 'orthogonal':
+    return nn.initializers.orthogonal()
   if name == 'glorot_normal':
     return nn.initializers.variance_scaling(0.5, 'fan_avg', 'normal')
   return nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')  # 'torch' (validated)

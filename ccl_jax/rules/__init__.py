@@ -8,9 +8,13 @@ from ccl_jax.rules import (
   backprop,
   counter_current,
   direct_feedback,
+  drl,
   drtp,
+  dtp,
   feedback_alignment,
+  fwdtp,
   kolen_pollack,
+  ldrl,
   local_losses,
   sign_symmetry,
   weight_mirror,
@@ -30,6 +34,10 @@ REGISTRY = {
   'predsim': local_losses,
   'dfa': direct_feedback,
   'drtp': drtp,
+  'dtp': dtp,
+  'drl': drl,
+  'ldrl': ldrl,
+  'fwdtp': fwdtp,
 }
 
 

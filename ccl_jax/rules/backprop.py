@@ -13,22 +13,28 @@ MIXED_PRECISION = True  # supports config.compute_dtype='bfloat16'
 class Backprop(base.Rule):
   def __init__(self, config, task, batch_axis=base.BatchAxis()):
     super().__init__(config, task, batch_axis)
-    self.model = models.forward(config, task, local=False)
+    self.model = models.forward(config, task, local=False, axis_name=batch_axis.name)
 
   def init_params(self, rng, images):
-    return {'forward': self.model.init(rng, images)['params'], 'feedback': {}}, {}
+    variables = self.model.init(rng, images)
+    extra = {'batch_stats': variables['batch_stats']} if 'batch_stats' in variables else {}
+    return {'forward': variables['params'], 'feedback': {}}, extra
 
   def predict(self, params, images, extra=None):
-    return self.model.apply({'params': params['forward']}, images)[0]
+    return base.apply_net(self.model, {'params': params['forward']}, extra or {}, images, False)[0][
+      0
+    ]
 
-  def loss(self, params, batch):
-    out = self.predict(params, batch['image'])
-    loss = base.task_loss(out, batch['label'], self.config.loss)
-    return loss, {'loss': loss, 'accuracy': base.accuracy(out, batch['label'])}
+  def loss(self, params, extra, batch):
+    (out, _), extra = base.apply_net(
+      self.model, {'params': params['forward']}, extra, batch['image'], True
+    )
+    loss, metrics = base.objective(self.task, out, batch, self.config.loss)
+    return loss, (metrics, extra)
 
   def gradients(self, state, batch, rng):
-    grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, batch)
-    return grads, metrics, state.extra
+    grads, (metrics, extra) = jax.grad(self.loss, has_aux=True)(state.params, state.extra, batch)
+    return grads, metrics, extra
 
 
 make = Backprop

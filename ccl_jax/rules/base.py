@@ -12,7 +12,10 @@ A rule module declares its config section (`SETTINGS`, a dict of `config.Setting
 
 and, only if it needs them, `apply_updates(params, updates, state) -> params` (how the
 optimizers' updates become parameters, for rules that also move weights themselves: KP, sign
-symmetry, WM) and `analyze(state, batch) -> metrics` (alignment metrics logged at evaluations).
+symmetry, WM), `before_update(state, batch, rng, step_tree) -> (state, metrics)` (optimizer
+steps a rule takes on one tree before its main step: target propagation's K feedback steps per
+batch, each through `step_tree`) and `analyze(state, batch) -> metrics` (alignment metrics logged
+at evaluations).
 It knows nothing about optimizers, devices or the loop: `step.py` averages the gradients over
 devices and runs each tree's optax transformation. `rules/backprop.py` is the smallest example.
 """
@@ -20,6 +23,7 @@ devices and runs each tree's optax transformation. `rules/backprop.py` is the sm
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +36,20 @@ from ccl_jax.state import TrainState
 Metrics = dict[str, jax.Array]
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, C) float32, 'label': (B,) int32}
 TREES = ('forward', 'feedback')
+# (state, tree name, that tree's gradients) -> the state after one optimizer step on the tree.
+StepTree = Callable[[TrainState, str, dict], TrainState]
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """What a rule needs to know about the data: class count, image shape, steps in the run."""
+  """What a rule needs to know about the data: class count, image shape, steps in the run, and
+  the task kind: 'classification' (outputs are logits) or 'reconstruction' (outputs are images,
+  the target is the input; `models.task_kind`)."""
 
   num_classes: int
   image_shape: tuple[int, ...]
   total_steps: int
+  kind: str = 'classification'
 
 
 def task_loss(outputs: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
@@ -56,6 +65,29 @@ def task_loss(outputs: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
 
 def accuracy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(outputs, -1) == labels)
+
+
+def objective(task: Task, outputs: jax.Array, batch: Batch, kind: str) -> tuple[jax.Array, Metrics]:
+  """The task loss and its metrics: `task_loss` and accuracy for classification; for
+  reconstruction the pixel MSE against the input image (metrics 'loss' and 'mse')."""
+  if task.kind == 'reconstruction':
+    mse = jnp.mean((outputs - batch['image'].astype(outputs.dtype)) ** 2)
+    return mse, {'loss': mse, 'mse': mse}
+  loss = task_loss(outputs, batch['label'], kind)
+  return loss, {'loss': loss, 'accuracy': accuracy(outputs, batch['label'])}
+
+
+def apply_net(module, variables: dict, extra: dict, images: jax.Array, train: bool):
+  """`module.apply(variables, images)` with the BatchNorm statistics `extra['batch_stats']` when
+  the net has any: in training they are the batch's and come back updated. Returns (output,
+  extra)."""
+  if 'batch_stats' not in extra:
+    return module.apply(variables, images), extra
+  variables = {**variables, 'batch_stats': extra['batch_stats']}
+  if not train:
+    return module.apply(variables, images, train=False), extra
+  out, new = module.apply(variables, images, train=True, mutable=['batch_stats'])
+  return out, {**extra, 'batch_stats': new['batch_stats']}
 
 
 class Rule:
@@ -86,6 +118,14 @@ class Rule:
       t: params[t] if updates[t] is None else optim.apply_updates(params[t], updates[t])
       for t in TREES
     }
+
+  def before_update(
+    self, state: TrainState, batch: Batch, rng: jax.Array, step_tree: StepTree
+  ) -> tuple[TrainState, Metrics]:
+    """Steps taken before `gradients` in the same update, each by `step_tree(state, tree, grads)`
+    (the gradients averaged over devices, then the tree's optax transformation); none by default."""
+    del batch, rng, step_tree
+    return state, {}
 
   def analyze(self, state: TrainState, batch: Batch) -> Metrics:
     """Alignment metrics logged at each evaluation; none by default."""

@@ -35,12 +35,12 @@ NORMALIZED = ('cnn',)  # models whose pair loss is the normalised one (SPEC §1.
 
 def check(config) -> None:
   c = config.ccl
-  if config.model not in NORMALIZED:
-    for key in ('loss_warmup_steps', 'filter_target'):
-      if c[key]:
-        raise UserError(
-          f"config.ccl.{key}={c[key]} is used on model 'cnn' only, not '{config.model}'"
-        )
+  reconstruction = models.task_kind(config.model) == 'reconstruction'
+  for key in ('loss_warmup_steps', 'filter_target'):
+    if (
+      c[key] and config.model not in NORMALIZED and not (reconstruction and key != 'filter_target')
+    ):
+      raise UserError(f"config.ccl.{key}={c[key]} is not used on model '{config.model}'")
 
 
 def prototype_loss(h: jax.Array, g: jax.Array, onehot: jax.Array, scale: float) -> jax.Array:
@@ -259,4 +259,11 @@ class CounterCurrent(base.Rule):
     return out
 
 
-make = CounterCurrent
+def make(config, task, batch_axis=BatchAxis()) -> base.Rule:
+  """CCL on `config.model`: the autoencoder's own objective (`counter_current_ae`) on a
+  reconstruction model, the classifier's pair losses otherwise."""
+  if task.kind == 'reconstruction':
+    from ccl_jax.rules import counter_current_ae
+
+    return counter_current_ae.CounterCurrentAE(config, task, batch_axis)
+  return CounterCurrent(config, task, batch_axis)

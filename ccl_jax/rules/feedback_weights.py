@@ -46,7 +46,7 @@ class FeedbackWeights(base.Rule):
 
   def __init__(self, config, task, batch_axis, feedback: Callable[[object], Feedback]):
     super().__init__(config, task, batch_axis)
-    self.model = models.forward(config, task, local=False, feedback=True)
+    self.model = models.forward(config, task, local=False, feedback=True, axis_name=batch_axis.name)
     self.feedback = feedback(self.model)
 
   def init_params(self, rng, images):
@@ -54,22 +54,29 @@ class FeedbackWeights(base.Rule):
     variables = self.model.init(model_rng, images)
     forward = variables['params']
     feedback = self.feedback.init(feedback_rng, forward, variables['feedback'])
-    return {'forward': forward, 'feedback': feedback}, {}
+    extra = {'batch_stats': variables['batch_stats']} if 'batch_stats' in variables else {}
+    return {'forward': forward, 'feedback': feedback}, extra
+
+  def apply(self, forward: dict, feedback: dict, extra: dict, images, train: bool):
+    variables = {'params': forward, 'feedback': feedback}
+    (out, _), extra = base.apply_net(self.model, variables, extra, images, train)
+    return out, extra
 
   def predict(self, params, images, extra=None):
-    variables = {'params': params['forward'], 'feedback': params['feedback']}
-    return self.model.apply(variables, images)[0]
+    return self.apply(params['forward'], params['feedback'], extra or {}, images, False)[0]
 
-  def loss(self, forward: dict, feedback: dict, batch: base.Batch):
-    out = self.predict({'forward': forward, 'feedback': feedback}, batch['image'])
-    loss = base.task_loss(out, batch['label'], self.config.loss)
-    return loss, {'loss': loss, 'accuracy': base.accuracy(out, batch['label'])}
+  def loss(self, forward: dict, feedback: dict, extra: dict, batch: base.Batch):
+    out, extra = self.apply(forward, feedback, extra, batch['image'], True)
+    loss, metrics = base.objective(self.task, out, batch, self.config.loss)
+    return loss, (metrics, extra)
 
   def gradients(self, state, batch, rng):
     feedback = state.params['feedback']
-    grad, metrics = jax.grad(self.loss, has_aux=True)(state.params['forward'], feedback, batch)
+    grad, (metrics, extra) = jax.grad(self.loss, has_aux=True)(
+      state.params['forward'], feedback, state.extra, batch
+    )
     # B has no gradient: an empty tree, so no all-zero B-sized tensor is averaged across devices.
-    return {'forward': grad, 'feedback': {}}, metrics, state.extra
+    return {'forward': grad, 'feedback': {}}, metrics, extra
 
   def apply_updates(self, params, updates, state):
     forward, feedback = self.feedback.apply(
@@ -81,6 +88,8 @@ class FeedbackWeights(base.Rule):
     """weight_angle/*, norm_ratio/* for every layer and delta_angle/* for every hidden layer."""
     forward, feedback = state.params['forward'], state.params['feedback']
     out = metrics_lib.weight_metrics(forward, feedback)
+    if state.extra or self.task.kind != 'classification':
+      return out  # delta angles assume a plain chain of feedback layers with a label loss
     out.update(
       metrics_lib.delta_angles(
         self.model,
