@@ -134,10 +134,12 @@ def test_feedback_net_with_b_equal_w_matches_backprop(model):
     'forward': params['forward'],
     'feedback': metrics.backprop_feedback(params['forward'], params['feedback']),
   }
-  g_fa = jax.jit(jax.grad(lambda f: fa.rule.loss(f, aligned['feedback'], batch)[0]))(
+  g_fa = jax.jit(jax.grad(lambda f: fa.rule.loss(f, aligned['feedback'], state.extra, batch)[0]))(
     params['forward']
   )
-  g_bp = jax.jit(jax.grad(lambda f: bp.rule.loss({'forward': f}, batch)[0]))(params['forward'])
+  g_bp = jax.jit(jax.grad(lambda f: bp.rule.loss({'forward': f}, state.extra, batch)[0]))(
+    params['forward']
+  )
   chex.assert_trees_all_close(g_fa, g_bp, rtol=1e-5, atol=1e-7)
   out = jax.jit(fa.rule.analyze)(state.replace(params=aligned), batch)
   for k, v in out.items():
