@@ -90,6 +90,14 @@ def apply_net(module, variables: dict, extra: dict, images: jax.Array, train: bo
   return out, {**extra, 'batch_stats': new['batch_stats']}
 
 
+def loss_warmup(grads, step: jax.Array, warm: int):
+  """The gradients of a loss scaled by min(1, (step + 1) / warm): a loss warm-up (0 = off)."""
+  if not warm:
+    return grads
+  scale = jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warm)
+  return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+
 class Rule:
   """A learning rule (see the module docstring for what a subclass implements)."""
 

@@ -175,10 +175,7 @@ class CounterCurrent(base.Rule):
     params = state.params
     if self.normalized:  # conv nets: one gradient of the plain objective
       grads, metrics = jax.grad(self.losses, has_aux=True)(params, batch)
-      warm = int(self.c.loss_warmup_steps)
-      if warm:  # the loss (so every gradient) scaled by step/warm over the first `warm` steps
-        scale = jnp.minimum(1.0, (state.step + 1).astype(jnp.float32) / warm)
-        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+      grads = base.loss_warmup(grads, state.step, int(self.c.loss_warmup_steps))
       return grads, metrics, state.extra
     x, y = batch['image'], batch['label']
     k = self.task.num_classes

@@ -90,11 +90,7 @@ class CounterCurrentAE(base.Rule):
 
   def gradients(self, state, batch, rng):
     grads, (metrics, extra) = jax.grad(self.losses, has_aux=True)(state.params, state.extra, batch)
-    warm = int(self.c.loss_warmup_steps)
-    if warm:  # the loss (so every gradient) scaled by step/warm over the first `warm` steps
-      scale = jnp.minimum(1.0, (state.step + 1).astype(jnp.float32) / warm)
-      grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-    return grads, metrics, extra
+    return base.loss_warmup(grads, state.step, int(self.c.loss_warmup_steps)), metrics, extra
 
   def analyze(self, state, batch):
     """cka/pair_l: linear CKA between the forward and feedback activations of pair l (the end

@@ -11,9 +11,9 @@ optimizer.forward.weight_decay, which would decay W but not B.
 from __future__ import annotations
 
 import jax
-import optax
 
 from ccl_jax import metrics as metrics_lib
+from ccl_jax import optim
 from ccl_jax.config import Setting
 from ccl_jax.errors import UserError
 from ccl_jax.rules import feedback_weights
@@ -49,7 +49,7 @@ class KolenPollack(feedback_weights.Fixed):
     def decay(path, w):
       return kappa * w if metrics_lib.names(path) in paired else w
 
-    forward = optax.apply_updates(jax.tree_util.tree_map_with_path(decay, forward), updates)
+    forward = optim.apply_updates(jax.tree_util.tree_map_with_path(decay, forward), updates)
     feedback = jax.tree_util.tree_map_with_path(
       lambda path, b: kappa * b + metrics_lib.lookup(updates, metrics_lib.names(path)), feedback
     )
