@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole run: TrainState, the best-by-validation parameters, bookkeeping.
 
 Each checkpoint holds `{'state', 'best'}` as one pytree plus a small JSON record (`meta`: epoch,
-best validation loss, the config, and sha256 checksums of the tree and of meta itself). A
+best validation loss, the config, and sha256 checksums of the tree and of meta itself); a streamed
+run adds its input pipeline's iterator state as a third, JSON item ('data', its checksum in meta). A
 checkpoint that does not fit the current run's shapes is refused with the keys that differ; one
 that is unreadable or fails its checksum is set aside and an older one used.
 """
@@ -26,7 +27,7 @@ from ccl_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 Tree = Any
-CHECKSUM_KEYS = ('checksum', 'meta_checksum')
+CHECKSUM_KEYS = ('checksum', 'meta_checksum', 'data_checksum')
 
 
 def _shapes(tree: Tree) -> dict[str, tuple]:
@@ -51,6 +52,11 @@ def meta_checksum(meta: dict) -> str:
   """sha256 of `meta` (less this checksum) as canonical JSON."""
   body = {k: v for k, v in meta.items() if k != 'meta_checksum'}
   return 'sha256:' + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def json_checksum(value) -> str:
+  """sha256 of a JSON value, canonical (sorted keys)."""
+  return 'sha256:' + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 class Damaged(Exception):
@@ -117,14 +123,19 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=options,
-      item_handlers={'tree': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
+      item_handlers={
+        'tree': ocp.StandardCheckpointHandler(),
+        'meta': ocp.JsonCheckpointHandler(),
+        'data': ocp.JsonCheckpointHandler(),
+      },
     )
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, tree: Tree, meta: dict) -> None:
-    """Saves `tree` and `meta` as checkpoint `step`, with checksums of both in meta."""
+  def save(self, step: int, tree: Tree, meta: dict, data: dict | None = None) -> None:
+    """Saves `tree` and `meta` (and `data`, the input pipeline's state, if given) as checkpoint
+    `step`, with checksums of each in meta."""
     if not self.write:
       return
     state_dict = serialization.to_state_dict(jax.device_get(tree))
@@ -132,17 +143,20 @@ class Checkpointer:
     checksum = tree_checksum(state_dict)
     if checksum is not None:
       meta['checksum'] = checksum
+    items = {'tree': ocp.args.StandardSave(state_dict)}
+    if data is not None:
+      meta['data_checksum'] = json_checksum(data)
+      items['data'] = ocp.args.JsonSave(data)
     meta['meta_checksum'] = meta_checksum(meta)
     self.manager.save(
-      step,
-      args=ocp.args.Composite(tree=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)),
-      force=True,
+      step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), force=True
     )
     self.manager.wait_until_finished()
 
-  def restore(self, template: Tree, config_json: dict) -> tuple[Tree, dict] | None:
-    """Newest good checkpoint shaped like `template` (meta without its checksums), or None if
-    there is none. Older ones are verified too, so the one to fall back on is known good."""
+  def restore(self, template: Tree, config_json: dict, with_data: bool = False):
+    """Newest good checkpoint shaped like `template`: (tree, meta without its checksums), and
+    the input pipeline's state (None if it has none) third when `with_data`; None if there is
+    none. Older ones are verified too, so the one to fall back on is known good."""
     _quiet_closed_loop_callbacks()
     steps = self.steps()
     template_dict = serialization.to_state_dict(jax.device_get(template))
@@ -155,6 +169,7 @@ class Checkpointer:
           self._check_config(step, meta, config_json)
         self._check_shapes(step, template_dict, meta, config_json)
         restored = self._read_tree(step, template_dict, meta)
+        data = self._read_data(step, meta)
         if found is not None:  # an older one: verified, not used
           continue
         tree = serialization.from_state_dict(template, restored)
@@ -165,7 +180,8 @@ class Checkpointer:
       except Exception as e:  # unreadable / half-written / damaged: set aside, fall back
         self._report_bad(step, e, found_step, older=i > 0)
         continue
-      found, found_step = (tree, {k: v for k, v in meta.items() if k not in CHECKSUM_KEYS}), step
+      meta = {k: v for k, v in meta.items() if k not in CHECKSUM_KEYS}
+      found, found_step = ((tree, meta, data) if with_data else (tree, meta)), step
     if found is None and steps:
       raise UserError(
         f'no readable checkpoint in {self.directory} (steps '
@@ -182,6 +198,15 @@ class Checkpointer:
     if 'meta_checksum' in meta and meta['meta_checksum'] != meta_checksum(meta):
       raise Damaged('meta checksum mismatch')
     return meta
+
+  def _read_data(self, step: int, meta: dict) -> dict | None:
+    """The 'data' item (the input pipeline's state) of a checkpoint whose meta lists one."""
+    if 'data_checksum' not in meta:
+      return None
+    data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data']
+    if json_checksum(data) != meta['data_checksum']:
+      raise Damaged('data (input pipeline state) checksum mismatch')
+    return data
 
   def _read_tree(self, step: int, template_dict: Tree, meta: dict) -> Tree:
     restored = self.manager.restore(

@@ -81,6 +81,12 @@ SETTINGS = {
   'dataset': Setting('digits', "dataset: 'digits' (built in) or a prepared tfds dataset"),
   'data_dir': Setting('', "tfds data_dir; '' = $CCL_JAX_DATA_DIR or ~/tensorflow_datasets"),
   'train_subset': non_negative('use only the first N training examples; 0 = all', 0),
+  'pipeline': Setting(
+    'memory',
+    "input pipeline: 'memory' (each split decoded whole, batches drawn on the device) or "
+    "'stream' (Grain reads, decodes and augments batch by batch; resumes exactly; `stream.py`)",
+    choices=('memory', 'stream'),
+  ),
   'loss': Setting(
     'ce',
     "task loss: 'ce' (softmax cross-entropy) or 'bce' (summed binary CE on sigmoid outputs)",
@@ -123,6 +129,13 @@ SETTINGS = {
     "...>, e.g. 'optimizer.forward.lr'",
   ),
   'progress': Setting(True, 'progress bar on a terminal'),
+  'snapshot_steps': Setting(
+    (),
+    'global steps (0 = before training) at which to save features of 500 test images for the '
+    't-SNE figure, to WORKDIR/snapshots/ (`snapshots.py`); () = none',
+    check=lambda v: all(int(s) == s and s >= 0 for s in v),
+    must='a list of steps >= 0',
+  ),
 }
 
 
@@ -232,7 +245,11 @@ RUN_CONTROL_KEYS = frozenset(
     'scan_unroll',
     'eval_batch_size',
     'analysis_batch_size',
+    'snapshot_steps',
     'data.cache_dir',
+    'data.workers',
+    'data.threads',
+    'data.prefetch',
   }
 )
 # What `resume_override` may name: the learning rate and its schedule, never a shape.

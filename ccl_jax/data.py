@@ -1,7 +1,8 @@
 """Datasets: the embedded sklearn digits and tfds data sources, decoded once and held in memory.
 
 Every split is a pair of numpy arrays: images (N, H, W, C) float32, normalised per channel, and
-labels (N,) int32. Batches are drawn on the device by index (see `train.epoch_indices`).
+labels (N,) int32. Batches are drawn on the device by index (see `train.epoch_indices`). This is
+`config.pipeline='memory'`; `stream.py` reads the same splits batch by batch ('stream').
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ SETTINGS = {
   'pad_mode': Setting(
     'zero', "crop padding: 'zero' (the channel mean) or 'edge'", choices=('zero', 'edge')
   ),
+  'workers': config_lib.non_negative(
+    "pipeline='stream': Grain worker processes decoding and augmenting (0 = in this process)", 0
+  ),
+  'threads': config_lib.non_negative(
+    "pipeline='stream': threads reading and decoding batches ahead in each process", 2
+  ),
+  'prefetch': config_lib.positive(
+    "pipeline='stream': batches decoded ahead (per process, and per worker)", 4
+  ),
+  'resized_crop': config_lib.non_negative(
+    "pipeline='stream': random-resized crop (ImageNet-style) to N×N for training, resize and "
+    'centre crop for evaluation; 0 = off',
+    0,
+  ),
   'train_split': Setting(
     'train',
     "tfds split(s) the training and validation sets come from: 'train', or "
@@ -65,6 +80,19 @@ class Split:
   def __len__(self) -> int:
     return len(self.labels)
 
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return self.images.shape[1:]
+
+  def head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` examples (images, labels)."""
+    return self.images[:n], self.labels[:n]
+
+  def batches(self, batch_size: int):
+    """(images, labels) of consecutive batches, in order; the last may be short."""
+    for start in range(0, len(self), batch_size):
+      yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -75,7 +103,7 @@ class Dataset:
 
   @property
   def image_shape(self) -> tuple[int, ...]:
-    return self.train.images.shape[1:]
+    return tuple(self.train.image_shape)
 
 
 def _digits(standardise: bool = True) -> tuple[Split, Split, int]:
@@ -95,11 +123,12 @@ def _digits(standardise: bool = True) -> tuple[Split, Split, int]:
   return Split(images[tr], labels[tr]), Split(images[te], labels[te]), 10
 
 
-def _read_tfds(name: str, split: str, data_dir: str) -> Split:
+def open_tfds(name: str, split: str, data_dir: str):
+  """The tfds array_record data source of `name`'s `split` (random access, decodes per read)."""
   import tensorflow_datasets as tfds
 
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # tfds raises several types for "not there"
     where = data_dir or '~/tensorflow_datasets'
     raise UserError(
@@ -109,6 +138,10 @@ def _read_tfds(name: str, split: str, data_dir: str) -> Split:
       f"file_format='array_record').download_and_prepare()\"` on a machine with internet, "
       f'or point --config.data_dir at a prepared copy'
     ) from None
+
+
+def _read_tfds(name: str, split: str, data_dir: str) -> Split:
+  source = open_tfds(name, split, data_dir)
   n = len(source)
   first = source[0]
   images = np.empty((n,) + first['image'].shape, np.uint8)
@@ -160,41 +193,58 @@ def _normalise(s: Split, mean, std, how: str = 'mean_std') -> Split:
   return Split(x, s.labels)
 
 
-def load(config) -> Dataset:
-  """Loads `config.dataset` into memory, with the validation split carved from train."""
+def check_dataset(config) -> None:
+  """Refuses a dataset/normalisation/split combination neither pipeline can read."""
   name, d = config.dataset, config.data
-  how = d.normalize
-  if name == 'digits':
-    if how == 'imagenet':
-      raise UserError("config.normalize='imagenet' needs RGB images; digits are grey")
-    train, test, k = _digits(standardise=how == 'mean_std')
-  elif name in TFDS:
-    tfds_name, mean, std, k = TFDS[name]
-    split = d.get('train_split', 'train')
-    if split != 'train':
-      from ccl_jax import models
-
-      if name != 'stl10' or models.task_kind(config.model) != 'reconstruction':
-        raise UserError(
-          f"config.data.train_split='{split}' adds STL-10's unlabelled images, for a "
-          f"reconstruction model ('ae'), not dataset '{name}' with model '{config.model}'"
-        )
-    train = _normalise(_cached(tfds_name, split, data_dir(config), d.cache_dir), mean, std, how)
-    test = _normalise(_cached(tfds_name, 'test', data_dir(config), d.cache_dir), mean, std, how)
-  else:
+  if name not in DATASETS:
     raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
-  order = np.random.default_rng(config.seed).permutation(len(train))
-  n_val = int(round(d.val_fraction * len(train)))
+  if name == 'digits' and d.normalize == 'imagenet':
+    raise UserError("config.normalize='imagenet' needs RGB images; digits are grey")
+  split = d.get('train_split', 'train')
+  if split != 'train':
+    from ccl_jax import models
+
+    if name != 'stl10' or models.task_kind(config.model) != 'reconstruction':
+      raise UserError(
+        f"config.data.train_split='{split}' adds STL-10's unlabelled images, for a "
+        f"reconstruction model ('ae'), not dataset '{name}' with model '{config.model}'"
+      )
+  if d.get('resized_crop', 0) and config.get('pipeline', 'memory') != 'stream':
+    raise UserError('config.data.resized_crop needs --config.pipeline=stream')
+
+
+def split_indices(config, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(validation, training) indices into the `n` examples of the training split: a held-out
+  share drawn by the seed, both sorted; `train_subset` keeps the first training ones. Both
+  pipelines use these, so they learn the same task."""
+  order = np.random.default_rng(config.seed).permutation(n)
+  n_val = int(round(config.data.val_fraction * n))
   val_idx, tr_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
   if config.train_subset:
     tr_idx = tr_idx[: config.train_subset]
-  val = Split(train.images[val_idx], train.labels[val_idx])
-  train = Split(train.images[tr_idx], train.labels[tr_idx])
-  if len(train) < config.batch_size:
+  if len(tr_idx) < config.batch_size:
     raise UserError(
       f'config.batch_size={config.batch_size} is larger than the '
-      f'{len(train)} training examples of {name}'
+      f'{len(tr_idx)} training examples of {config.dataset}'
     )
+  return val_idx, tr_idx
+
+
+def load(config) -> Dataset:
+  """Loads `config.dataset` into memory, with the validation split carved from train."""
+  check_dataset(config)
+  name, d = config.dataset, config.data
+  how = d.normalize
+  if name == 'digits':
+    train, test, k = _digits(standardise=how == 'mean_std')
+  else:
+    tfds_name, mean, std, k = TFDS[name]
+    split = d.get('train_split', 'train')
+    train = _normalise(_cached(tfds_name, split, data_dir(config), d.cache_dir), mean, std, how)
+    test = _normalise(_cached(tfds_name, 'test', data_dir(config), d.cache_dir), mean, std, how)
+  val_idx, tr_idx = split_indices(config, len(train))
+  val = Split(train.images[val_idx], train.labels[val_idx])
+  train = Split(train.images[tr_idx], train.labels[tr_idx])
   return Dataset(train, val, test, k)
 
 

@@ -5,10 +5,14 @@
 - `cka.png`: linear CKA between every forward activation and every feedback activation of each CCL
   run, on test images (Fig. 6);
 - `weight_cosine.png`: cosine between each layer's forward and feedback weights vs epoch, from
-  metrics.jsonl's `weight_angle/*` (every rule that logs them: CCL, FA, sign symmetry, KP, WM).
+  metrics.jsonl's `weight_angle/*` (every rule that logs them: CCL, FA, sign symmetry, KP, WM);
+- `tsne.png`: t-SNE of the forward and (CCL) feedback features of layers 1, 3, 5 of fixed test
+  images at the steps the runs saved (`config.snapshot_steps`, `snapshots.py`), coloured by
+  class: rows layer × forward/feedback, columns each run's steps.
 
 Each run is read from its workdir: `config.json`, the best-by-validation parameters of its newest
-checkpoint, and `metrics.jsonl`. A figure no run can feed is skipped with a line saying why.
+checkpoint, `metrics.jsonl` and `snapshots/`. A figure no run can feed is skipped with a line
+saying why.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 N_IMAGES = 8  # reconstructions shown
 N_KERNELS = 32  # first-layer kernels shown per run
 CKA_BATCH = 256
+TSNE_POINTS = 500  # t-SNE embeds at most this many snapshot images per panel
 
 
 def _natural(s: str):
@@ -39,7 +44,7 @@ class LoadedRun:
     import ml_collections
 
     from ccl_jax import config as config_lib
-    from ccl_jax import train
+    from ccl_jax import snapshots, train
 
     self.workdir = workdir
     with open(os.path.join(workdir, 'config.json')) as f:
@@ -56,6 +61,7 @@ class LoadedRun:
     self.rule = run.learner.rule
     self.test = run.data.test
     self.records = [r for r in run.log.records() if not r.get('final')]
+    self.snapshots = snapshots.load(workdir)
 
   @property
   def kind(self) -> str:
@@ -76,16 +82,12 @@ class LoadedRun:
     """(forward activations, feedback activations) on a batch, for CCL runs; else None."""
     import jax.numpy as jnp
 
-    rule = self.rule
-    if hasattr(rule, 'pairs'):  # the autoencoder: the feedback net runs on the target image
-      acts, signals, _ = rule.pairs(self.params, self.extra, jnp.asarray(images), False)
-      return acts, signals
-    if self.config.rule == 'ccl':  # classifiers: the feedback net's class prototypes, by label
-      _, hiddens = rule.model.apply({'params': self.params['forward']}, jnp.asarray(images))
-      eye = jnp.eye(rule.task.num_classes)
-      prototypes = rule.feedback.apply({'params': self.params['feedback']}, eye)
-      return [jnp.asarray(images)] + hiddens, [g[labels] for g in prototypes]
-    return None
+    from ccl_jax import snapshots
+
+    found = snapshots.features(
+      self.rule, self.params, self.extra, jnp.asarray(images), jnp.asarray(labels)
+    )
+    return None if found is None or found[1] is None else found
 
 
 def _tiles(kernels: np.ndarray, n: int) -> np.ndarray:
@@ -210,8 +212,98 @@ def weight_cosine_figure(runs: list[LoadedRun], path: str) -> str | None:
   return _save(plt, fig, path)
 
 
-def _save(plt, fig, path: str) -> str:
-  fig.tight_layout()
+def _embed(x: np.ndarray) -> tuple[np.ndarray | None, int]:
+  """(2-D t-SNE of the rows of x, number of distinct rows). Repeated rows (CCL's classifier
+  feedback features are its K class prototypes) are embedded once and share their point; fewer
+  than 5 distinct rows, or non-finite ones, give no embedding. PCA init and a fixed seed; one
+  thread (OpenMP threads oversubscribe a busy CPU: 3× slower on 2 shared cores)."""
+  from sklearn.manifold import TSNE
+  from threadpoolctl import threadpool_limits
+
+  x = np.asarray(x, np.float64)
+  if not np.all(np.isfinite(x)):
+    return None, 0
+  rows, inverse = np.unique(x, axis=0, return_inverse=True)
+  if len(rows) < 5:
+    return None, len(rows)
+  tsne = TSNE(2, perplexity=min(30.0, (len(rows) - 1) / 3), init='pca', random_state=0)
+  with threadpool_limits(1):
+    xy = tsne.fit_transform(rows)
+  return xy[inverse.ravel()], len(rows)
+
+
+def tsne_figure(runs: list[LoadedRun], path: str) -> str | None:
+  """One t-SNE per (layer, run, step) of the forward features (dots) and, where the rule has a
+  feedback net, the feedback features of the same layer (outlined squares) embedded together,
+  as in the CCL paper's Figure 3: aligned nets put each class's squares inside its dots."""
+  found = [r for r in runs if r.snapshots]
+  if not found:
+    return None
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  # Rows: layer slots; columns: each run's steps, run after run.
+  slots = max(len(r.snapshots[0]['layers']) for r in found)
+  cols = [(r, snap) for r in found for snap in r.snapshots]
+  classes = int(max(max(s['labels'].max() for s in r.snapshots) for r in found)) + 1
+  cmap = plt.get_cmap('tab10' if classes <= 10 else 'tab20' if classes <= 20 else 'viridis')
+  colour = dict(cmap=cmap, vmin=-0.5, vmax=classes - 0.5)
+  fig, axes = plt.subplots(
+    slots, len(cols), figsize=(2.4 * len(cols), 2.4 * slots + 1.0), squeeze=False
+  )
+  for i in range(slots):
+    for j, (r, snap) in enumerate(cols):
+      ax = axes[i][j]
+      layers = snap['layers']
+      if i >= len(layers):
+        fig.delaxes(ax)  # a shallower net
+        continue
+      layer = layers[i]
+      y = snap['labels'][:TSNE_POINTS]
+      fwd = snap['forward'][layer][:TSNE_POINTS]
+      fb = snap['feedback'].get(layer) if snap['feedback'] else None
+      if fb is not None and fb.shape[1:] != fwd.shape[1:]:
+        fb = None  # not in one feature space: nothing to embed jointly
+      parts = [fwd] if fb is None else [fwd, fb[:TSNE_POINTS]]
+      xy, distinct = _embed(np.concatenate(parts).reshape(sum(len(p) for p in parts), -1))
+      title = f'{r.name} · step {snap["step"]}\nlayer {layer}'
+      if xy is None:
+        ax.text(0.5, 0.5, f'{distinct} distinct rows:\nno embedding', ha='center', fontsize=7)
+      else:
+        ax.scatter(xy[: len(fwd), 0], xy[: len(fwd), 1], c=y, s=3, **colour)
+        if fb is not None:
+          fb_xy, keep = np.unique(xy[len(fwd) :], axis=0, return_index=True)
+          ax.scatter(
+            fb_xy[:, 0], fb_xy[:, 1], c=y[keep], s=45, marker='s', edgecolors='k', **colour
+          )
+          title += f' · {len(fb_xy)} feedback pts'
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(title, fontsize=7)
+  handles = [
+    plt.Line2D([], [], ls='', marker='o', ms=4, color='grey', label='forward (test image)'),
+    plt.Line2D([], [], ls='', marker='s', ms=6, mfc='grey', mec='k', label='feedback'),
+  ]
+  if classes <= 20:
+    handles += [
+      plt.Line2D([], [], ls='', marker='o', ms=5, color=cmap(k % cmap.N), label=str(k))
+      for k in range(classes)
+    ]
+  fig.legend(handles=handles, loc='lower center', ncol=len(handles), fontsize=7)
+  n = max(len(s['labels'][:TSNE_POINTS]) for r in found for s in r.snapshots)
+  fig.suptitle(
+    f"t-SNE of layer-l features of {n} fixed test images (dots) with the feedback net's "
+    'features of the same layer (squares), one embedding per panel, coloured by class\n'
+    '(layer l: the l-th hidden activation; step: training steps done; t-SNE axes have no units)',
+    fontsize=9,
+  )
+  return _save(plt, fig, path, rect=(0, 0.5 / fig.get_figheight(), 1, 1))
+
+
+def _save(plt, fig, path: str, rect=(0, 0, 1, 1)) -> str:
+  fig.tight_layout(rect=rect)
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
@@ -222,6 +314,7 @@ FIGURES = {
   'reconstructions': reconstructions_figure,
   'cka': cka_figure,
   'weight_cosine': weight_cosine_figure,
+  'tsne': tsne_figure,
 }
 
 

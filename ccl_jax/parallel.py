@@ -8,6 +8,10 @@ and metrics with `lax.pmean` over `AXIS` (their `axis_name`), so every mode comp
 Multi-host (after `jax.distributed.initialize()`): every process holds the (small) dataset and
 the same global index array; each device gathers its own columns, so each host reads only its
 shard of every batch. Collectives span all processes.
+
+The streaming pipeline (`stream.py`) instead hands each process its share of the batches
+themselves: `put_batches` places them and `compile_stream` compiles a chunk
+`(state, images, labels) -> (state, metrics)` over them, split over devices the same way.
 """
 
 from __future__ import annotations
@@ -148,6 +152,28 @@ class DataParallel:
       return self._put(idx, self.columns)
     return jax.device_put(idx)
 
+  def put_batches(self, images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """This process's share of some steps' batches, (steps, B/processes, ...) each, as the
+    streamed chunk's arguments: the global (steps, B, ...) batches split over the devices by
+    columns ('shard_map'), stacked per local device ('pmap'), or on the one device."""
+    if self.mode == 'none':
+      return jax.device_put(images), jax.device_put(labels)
+    if self.mode == 'pmap':
+
+      def per_device(x):
+        steps, b = x.shape[:2]
+        d = len(self.local)
+        x = x.reshape((steps, d, b // d) + x.shape[2:]).swapaxes(0, 1)
+        return self._put(np.ascontiguousarray(x), self.stacked)
+
+      return per_device(images), per_device(labels)
+
+    def global_array(x):
+      shape = (x.shape[0], x.shape[1] * jax.process_count()) + x.shape[2:]
+      return jax.make_array_from_process_local_data(self.columns, x, shape)
+
+    return global_array(images), global_array(labels)
+
   # -- compilation --------------------------------------------------------------------------------
   def ahead_of_time(self, fn: Chunk, *args) -> Chunk:
     """Compiles `fn` for these arguments now, so the training clock excludes compilation.
@@ -157,6 +183,23 @@ class DataParallel:
     if self.mode == 'pmap' and jax.process_count() > 1:
       return fn
     return fn.lower(*args).compile()
+
+  def compile_stream(self, chunk: Chunk) -> Chunk:
+    """Compiles a streamed chunk `(state, images, labels) -> (state, metrics)` whose batches
+    (steps, B, ...) come placed by `put_batches`."""
+    if self.mode == 'pmap':
+      return jax.pmap(chunk, axis_name=AXIS, in_axes=(0, 0, 0), donate_argnums=0)
+    if self.mode == 'shard_map':
+      batches = P(None, AXIS)
+      sharded = jax.shard_map(
+        chunk,
+        mesh=self.mesh,
+        in_specs=(P(), batches, batches),
+        out_specs=(P(), P()),
+        check_vma=False,
+      )
+      return jax.jit(sharded, donate_argnums=0)
+    return jax.jit(chunk, donate_argnums=0)
 
   def compile(self, chunk: Chunk) -> Chunk:
     if self.mode == 'pmap':

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ccl_jax import checkpoint, models
+from ccl_jax import checkpoint, models, snapshots
 from ccl_jax import config as config_lib
 from ccl_jax import data as data_lib
 from ccl_jax import step as step_lib
+from ccl_jax import stream as stream_lib
 from ccl_jax.errors import UserError
 from ccl_jax.parallel import DataParallel
 from ccl_jax.rules.base import Rule, Task, task_loss
@@ -51,6 +52,40 @@ def make_chunk(update, unroll: int = 1, augment=None):
     return jax.lax.scan(body, state, idx, unroll=unroll or True)  # metrics stacked per step
 
   return chunk
+
+
+def make_stream_chunk(update, unroll: int = 1):
+  """`make_chunk` for the streaming pipeline: the steps' batches come stacked, (steps, B, ...),
+  already decoded and augmented (`stream.TrainFeed`)."""
+
+  def chunk(state: TrainState, images, labels):
+    def body(state, batch):
+      return update(state, {'image': batch[0], 'label': batch[1]})
+
+    return jax.lax.scan(body, state, (images, labels), unroll=unroll or True)
+
+  return chunk
+
+
+class MemoryFeed:
+  """The memory pipeline's batches for `train_epoch`: chunks of example indices into the split
+  resident on the devices (`arrays`), in the order `epoch_indices` draws."""
+
+  def __init__(self, run: Run, arrays: tuple):
+    self.run, self.arrays, self.epoch, self.idx = run, arrays, None, None
+
+  def take(self, epoch: int, offset: int, n: int) -> tuple[tuple, None]:
+    """The chunk's arguments for steps offset..offset+n of `epoch` (and no pipeline state)."""
+    run, c = self.run, self.run.config
+    if epoch != self.epoch:
+      self.epoch = epoch
+      self.idx = epoch_indices(
+        run.data_rng, epoch, len(run.data.train), c.batch_size, c.data.shuffle
+      )
+    return (*self.arrays, run.para.split_idx(self.idx[offset : offset + n])), None
+
+  def close(self) -> None:
+    pass
 
 
 def epoch_indices(rng: jax.Array, epoch: int, n: int, batch_size: int, shuffle: bool) -> np.ndarray:
@@ -87,14 +122,14 @@ def make_eval(rule: Rule, loss_kind: str):
 
 def evaluate_split(evaluate, params, extra, split: data_lib.Split, batch_size: int) -> dict:
   """Loss and the task's metric (`make_eval`) over a whole split, averaged per example, in
-  fixed-size padded batches (one compilation)."""
+  fixed-size padded batches (one compilation); a streamed split (`stream.StreamSplit`) is read
+  batch by batch."""
   n = len(split)
   if n == 0:
     return {'loss': float('nan'), getattr(evaluate, 'metric', 'accuracy'): float('nan')}
   bs = min(batch_size, n)
   totals = {}
-  for start in range(0, n, bs):
-    x, y = split.images[start : start + bs], split.labels[start : start + bs]
+  for x, y in split.batches(bs):
     mask = np.ones(bs, np.float32)
     if len(y) < bs:
       pad = bs - len(y)
@@ -229,6 +264,7 @@ class Run:
   meta: dict
   steps_per_epoch: int
   data_rng: jax.Array
+  data_state: dict | None = None  # the streaming pipeline's state after the last trained batch
 
   @property
   def config_json(self) -> dict:
@@ -236,7 +272,10 @@ class Run:
 
   def save(self, state: TrainState, meta: dict) -> None:
     self.ckpt.save(
-      int(state.step), {'state': state, 'best': self.best}, {**meta, 'config': self.config_json}
+      int(state.step),
+      {'state': state, 'best': self.best},
+      {**meta, 'config': self.config_json},
+      self.data_state,
     )
 
 
@@ -244,7 +283,7 @@ def build(config: ml_collections.FrozenConfigDict, workdir: str) -> Run:
   """Data, devices, the rule with its optimizers, and the initial state."""
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  data = data_lib.load(config)
+  data = (stream_lib.load if config.pipeline == 'stream' else data_lib.load)(config)
   para = DataParallel(config.parallel)
   para.check_batch(config.batch_size)
   steps_per_epoch = len(data.train) // config.batch_size
@@ -256,11 +295,8 @@ def build(config: ml_collections.FrozenConfigDict, workdir: str) -> Run:
   )
   learner = step_lib.build(config, task, para.batch_axis)
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  n = config.batch_size // para.n
-  state = learner.init(
-    init_rng,
-    {'image': jnp.asarray(data.train.images[:n]), 'label': jnp.asarray(data.train.labels[:n])},
-  )
+  images, labels = data.train.head(config.batch_size // para.n)
+  state = learner.init(init_rng, {'image': jnp.asarray(images), 'label': jnp.asarray(labels)})
   best = jax.device_get({'params': state.params, 'extra': state.extra})  # host copy
   return Run(
     config,
@@ -288,7 +324,7 @@ def move_aside(workdir: str, why: str) -> None:
   """Moves a previous run's files into `workdir/previous-<time>/` (nothing is deleted)."""
   names = [
     n
-    for n in ('checkpoints', 'metrics.jsonl', 'config.json', 'plots')
+    for n in ('checkpoints', 'metrics.jsonl', 'config.json', 'plots', snapshots.FOLDER)
     if os.path.exists(os.path.join(workdir, n))
   ]
   if not names or jax.process_index() != 0:
@@ -321,11 +357,13 @@ def resume(run: Run) -> dict | None:
       print('force_retrain: the previous run is unfinished and made by this config: resuming it')
   if saved is not None:
     config_lib.check_schedule(saved, run.config_json)
-  restored = run.ckpt.restore({'state': run.state, 'best': run.best}, run.config_json)
+  restored = run.ckpt.restore(
+    {'state': run.state, 'best': run.best}, run.config_json, with_data=True
+  )
   if restored is None:
     run.log.truncate_after(0)  # records of a run killed before its first checkpoint
   else:
-    tree, meta = restored
+    tree, meta, run.data_state = restored
     run.state, run.best, run.meta = tree['state'], tree['best'], meta
     final = _finished(run)
     if final is not None:
@@ -354,36 +392,50 @@ def _saved_config(workdir: str) -> dict | None:
     return None
 
 
-def train_epoch(run: Run, epoch: int, fns: dict, arrays) -> tuple[dict, float]:
-  """Trains to the end of `epoch` from `run.state`; returns (per-step metric means, samples/s)."""
+def train_epoch(run: Run, epoch: int, fns: dict, feed) -> tuple[dict, float]:
+  """Trains to the end of `epoch` from `run.state`; returns (per-step metric means, samples/s).
+
+  `feed` (`MemoryFeed` or `stream.TrainFeed`) gives each call's batches; the next call's are
+  placed on the devices while the current one computes."""
   c, para = run.config, run.para
   step = int(para.get_state(run.state).step)
-  idx = epoch_indices(run.data_rng, epoch, len(run.data.train), c.batch_size, c.data.shuffle)
   offset = step - epoch * run.steps_per_epoch
   per_call = c.steps_per_call or run.steps_per_epoch
   if c.checkpoint_every_steps:
     per_call = min(per_call, c.checkpoint_every_steps)
+
+  def size(step: int, offset: int) -> int:  # steps of the call that starts there
+    n = min(per_call, run.steps_per_epoch - offset)
+    snap = fns['snapshots'].next_after(step)  # a call ends at every requested snapshot step
+    return n if snap is None else min(n, snap - step)
+
+  n = size(step, offset)
+  batches = (n, *feed.take(epoch, offset, n)) if offset < run.steps_per_epoch else None
   bar = _progress(c, epoch, run.steps_per_epoch, offset)
   partial = run.meta.pop('partial_epoch', None) or {'sums': {}, 'count': 0}
   sums, count = dict(partial['sums']), partial['count']  # running sums of every step metric
   train_time, steps_run, last_saved = 0.0, 0, step
   while offset < run.steps_per_epoch:
-    n = min(per_call, run.steps_per_epoch - offset)
-    chunk_idx = para.split_idx(idx[offset : offset + n])
+    n, args, data_state = batches
     compiled = fns['compiled']
     if n not in compiled:  # compile ahead of time, so it is not counted as training time
       t0 = time.perf_counter()
-      compiled[n] = para.ahead_of_time(fns['chunk'], run.state, *arrays, chunk_idx)
+      compiled[n] = para.ahead_of_time(fns['chunk'], run.state, *args)
       print(f'compiled a {n}-step call in {time.perf_counter() - t0:.1f}s', flush=True)
     t0 = time.perf_counter()
-    run.state, metrics = compiled[n](run.state, *arrays, chunk_idx)
+    run.state, metrics = compiled[n](run.state, *args)
+    if offset + n < run.steps_per_epoch:  # the next call's batches, while this one computes
+      m = size(step + n, offset + n)
+      batches = (m, *feed.take(epoch, offset + n, m))
     metrics = para.get_metrics(metrics)  # one host sync per call
+    run.data_state = data_state
     elapsed = time.perf_counter() - t0
     train_time += elapsed
     _stop_if_nonfinite(run, metrics, step, epoch)
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
     count, steps_run, step, offset = count + n, steps_run + n, step + n, offset + n
+    fns['snapshots'].maybe_save(para.get_state(run.state), step)
     if (
       c.checkpoint_every_steps
       and offset < run.steps_per_epoch
@@ -496,22 +548,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return done
   rule, para, data = run.learner.rule, run.para, run.data
   analysis = data.val if len(data.val) else data.train
-  n = config.analysis_batch_size if len(data.val) else 256
+  images, labels = analysis.head(config.analysis_batch_size if len(data.val) else 256)
   fns = {
     'compiled': {},
-    'chunk': para.compile(
-      make_chunk(run.learner.update, config.scan_unroll, data_lib.augmenter(config))
-    ),
     'eval': make_eval(rule, config.loss),
     'analyze': jax.jit(rule.analyze),
-    'batch': {'image': jnp.asarray(analysis.images[:n]), 'label': jnp.asarray(analysis.labels[:n])},
+    'batch': {'image': jnp.asarray(images), 'label': jnp.asarray(labels)},
   }
-  arrays = (para.put_data(data.train.images), para.put_data(data.train.labels))
+  if config.pipeline == 'stream':
+    feed = stream_lib.TrainFeed(config, data.train, run.steps_per_epoch, para)
+    fns['chunk'] = para.compile_stream(make_stream_chunk(run.learner.update, config.scan_unroll))
+  else:
+    feed = MemoryFeed(run, (para.put_data(data.train.images), para.put_data(data.train.labels)))
+    augment = data_lib.augmenter(config)
+    fns['chunk'] = para.compile(make_chunk(run.learner.update, config.scan_unroll, augment))
   run.state = para.put_state(run.state)
+  step = int(para.get_state(run.state).step)
+  fns['snapshots'] = snapshots.Snapshots(
+    workdir,
+    config.snapshot_steps,
+    rule,
+    data_lib.Split(*data.test.head(snapshots.N_IMAGES)),  # (a streamed split has no arrays)
+    jax.process_index() == 0,
+  )
+  fns['snapshots'].truncate_after(step)
+  fns['snapshots'].maybe_save(para.get_state(run.state), step)  # step 0: before training
+  if config.pipeline == 'stream':
+    feed.start(step, run.data_state)
   sps = float('nan')
-  for epoch in range(int(para.get_state(run.state).step) // run.steps_per_epoch, config.num_epochs):
-    means, sps = train_epoch(run, epoch, fns, arrays)
-    evaluate_epoch(run, epoch, means, sps, fns)
+  try:
+    for epoch in range(step // run.steps_per_epoch, config.num_epochs):
+      means, sps = train_epoch(run, epoch, fns, feed)
+      evaluate_epoch(run, epoch, means, sps, fns)
+  finally:
+    feed.close()
   return finish(run, sps, fns['eval'])
 
 
