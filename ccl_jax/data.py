@@ -3,6 +3,12 @@
 Every split is a pair of numpy arrays: images (N, H, W, C) float32, normalised per channel, and
 labels (N,) int32. Batches are drawn on the device by index (see `train.epoch_indices`). This is
 `config.pipeline='memory'`; `stream.py` reads the same splits batch by batch ('stream').
+
+ImageNet-scale sets: `imagenet2012` (manual download, see `MANUAL`), `imagenet_resized/32x32` and
+`/64x64` (fixed-size, both pipelines) and `imagenette` (variable-size JPEGs, like imagenet2012: the
+stream pipeline only, cropped to `data.resized_crop`). None has a labelled test split: tfds'
+'validation' split is the test set (`TEST_SPLIT`), and the model-selection split is a held-out
+share of train (`data.val_fraction`), as for every dataset.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ SETTINGS = {
   ),
 }
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's per-channel stats
+
 # name -> (tfds name, per-channel mean, per-channel std, classes); stats from SPEC §1.1.
 TFDS = {
   'mnist': ('mnist', (0.1307,), (0.3081,), 10),
@@ -68,6 +76,28 @@ TFDS = {
   'cifar10': ('cifar10', (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
   'cifar100': ('cifar100', (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
   'stl10': ('stl10', (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10),  # 96×96
+  'imagenet2012': ('imagenet2012', *IMAGENET, 1000),  # JPEGs of varying size
+  'imagenet_resized/32x32': ('imagenet_resized/32x32', *IMAGENET, 1000),
+  'imagenet_resized/64x64': ('imagenet_resized/64x64', *IMAGENET, 1000),
+  'imagenette': ('imagenette/320px-v2', *IMAGENET, 10),  # shorter side 320 px, varying size
+}
+# The split used as the test set where it is not 'test' (ImageNet's test labels are not public).
+TEST_SPLIT = {
+  'imagenet2012': 'validation',
+  'imagenet_resized/32x32': 'validation',
+  'imagenet_resized/64x64': 'validation',
+  'imagenette': 'validation',
+}
+# Images of varying size: streamed only, random-resized-cropped to `data.resized_crop`.
+VARIABLE_SIZE = frozenset({'imagenet2012', 'imagenette'})
+# tfds name -> how to prepare a dataset tfds cannot download itself.
+MANUAL = {
+  'imagenet2012': (
+    'it needs a manual download: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from '
+    'https://image-net.org/download-images (free registration), put both in a folder MANUAL, '
+    "then `pip install '.[prepare]'` and `tfds build imagenet2012 --manual_dir=MANUAL "
+    '--data_dir={where} --file_format=array_record` (see the README, ImageNet)'
+  ),
 }
 DATASETS = ('digits',) + tuple(TFDS)
 
@@ -131,6 +161,11 @@ def open_tfds(name: str, split: str, data_dir: str):
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # tfds raises several types for "not there"
     where = data_dir or '~/tensorflow_datasets'
+    if name in MANUAL:
+      raise UserError(
+        f"dataset '{name}' ({split}) is not prepared in data_dir '{where}' "
+        f'({type(e).__name__}); ' + MANUAL[name].format(where=where)
+      ) from None
     raise UserError(
       f"dataset '{name}' ({split}) is not prepared in data_dir '{where}' "
       f"({type(e).__name__}); run `pip install '.[prepare]'` and "
@@ -162,7 +197,8 @@ def _cached(name: str, split: str, data_dir: str, cache_dir: str) -> Split:
   key = hashlib.sha1(
     os.path.abspath(os.path.expanduser(data_dir or '~/tensorflow_datasets')).encode()
   ).hexdigest()[:10]
-  path = os.path.join(os.path.expanduser(cache_dir), f'{name}-{split}-{key}.npz')
+  stem = name.replace('/', '_')
+  path = os.path.join(os.path.expanduser(cache_dir), f'{stem}-{split}-{key}.npz')
   if os.path.exists(path):
     try:
       with np.load(path) as f:
@@ -175,9 +211,6 @@ def _cached(name: str, split: str, data_dir: str, cache_dir: str) -> Split:
   np.savez(tmp, images=s.images, labels=s.labels)
   os.replace(tmp, path)
   return s
-
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def _normalise(s: Split, mean, std, how: str = 'mean_std') -> Split:
@@ -193,11 +226,23 @@ def _normalise(s: Split, mean, std, how: str = 'mean_std') -> Split:
   return Split(x, s.labels)
 
 
-def check_dataset(config) -> None:
-  """Refuses a dataset/normalisation/split combination neither pipeline can read."""
+def check_dataset(config, pipeline: str | None = None) -> None:
+  """Refuses a dataset/normalisation/split combination `pipeline` (default: the config's) cannot
+  read."""
   name, d = config.dataset, config.data
+  pipeline = pipeline or config.get('pipeline', 'memory')
   if name not in DATASETS:
     raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+  if name in VARIABLE_SIZE and pipeline != 'stream':
+    raise UserError(
+      f"dataset '{name}' has images of varying size, which the memory pipeline cannot hold: "
+      'use --config.pipeline=stream (with --config.data.resized_crop=N)'
+    )
+  if name in VARIABLE_SIZE and not d.get('resized_crop', 0):
+    raise UserError(
+      f"dataset '{name}' has images of varying size: set --config.data.resized_crop=N "
+      '(e.g. 224) to train on random-resized N×N crops and test on centre crops'
+    )
   if name == 'digits' and d.normalize == 'imagenet':
     raise UserError("config.normalize='imagenet' needs RGB images; digits are grey")
   split = d.get('train_split', 'train')
@@ -209,7 +254,7 @@ def check_dataset(config) -> None:
         f"config.data.train_split='{split}' adds STL-10's unlabelled images, for a "
         f"reconstruction model ('ae'), not dataset '{name}' with model '{config.model}'"
       )
-  if d.get('resized_crop', 0) and config.get('pipeline', 'memory') != 'stream':
+  if d.get('resized_crop', 0) and pipeline != 'stream':
     raise UserError('config.data.resized_crop needs --config.pipeline=stream')
 
 
@@ -232,7 +277,7 @@ def split_indices(config, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def load(config) -> Dataset:
   """Loads `config.dataset` into memory, with the validation split carved from train."""
-  check_dataset(config)
+  check_dataset(config, 'memory')
   name, d = config.dataset, config.data
   how = d.normalize
   if name == 'digits':
@@ -241,7 +286,8 @@ def load(config) -> Dataset:
     tfds_name, mean, std, k = TFDS[name]
     split = d.get('train_split', 'train')
     train = _normalise(_cached(tfds_name, split, data_dir(config), d.cache_dir), mean, std, how)
-    test = _normalise(_cached(tfds_name, 'test', data_dir(config), d.cache_dir), mean, std, how)
+    test_split = TEST_SPLIT.get(name, 'test')
+    test = _normalise(_cached(tfds_name, test_split, data_dir(config), d.cache_dir), mean, std, how)
   val_idx, tr_idx = split_indices(config, len(train))
   val = Split(train.images[val_idx], train.labels[val_idx])
   train = Split(train.images[tr_idx], train.labels[tr_idx])

@@ -21,7 +21,12 @@ one reads batch by batch, so a dataset never has to fit in memory:
   'data' item, checksummed in meta), and `start()` restores it: a killed run resumes exactly,
   mid-epoch included.
 - evaluation streams the validation and test splits in order (`StreamSplit.batches`), decoded and
-  normalised without augmentation; every process evaluates the whole split, as in memory.
+  normalised without augmentation (with `data.resized_crop`: resized and centre-cropped); every
+  process evaluates the whole split, as in memory.
+- ImageNet-scale sets (`data.TFDS`): imagenet2012 and imagenette hold JPEGs of varying size, read
+  only here, each training image random-resized-cropped to `data.resized_crop` (+ flip); their
+  test set is tfds' 'validation' split (`data.TEST_SPLIT`), their validation set a held-out share
+  of train.
 """
 
 from __future__ import annotations
@@ -251,7 +256,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def load(config) -> data_lib.Dataset:
   """`config.dataset` as streamed splits: the same train/validation/test examples as
   `data.load`, read batch by batch."""
-  data_lib.check_dataset(config)
+  data_lib.check_dataset(config, 'stream')
   name, d = config.dataset, config.data
   how = d.normalize
   opts = {'threads': int(d.threads), 'prefetch': int(d.prefetch)}
@@ -269,7 +274,7 @@ def load(config) -> data_lib.Dataset:
     tfds_name, mean, std, k = data_lib.TFDS[name]
     where = data_lib.data_dir(config)
     train_src = data_lib.open_tfds(tfds_name, d.get('train_split', 'train'), where)
-    test_src = data_lib.open_tfds(tfds_name, 'test', where)
+    test_src = data_lib.open_tfds(tfds_name, data_lib.TEST_SPLIT.get(name, 'test'), where)
     scale = 255
     if how == 'imagenet':
       mean, std = data_lib.IMAGENET

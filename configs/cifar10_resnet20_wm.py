@@ -6,6 +6,7 @@ from ccl_jax import config as config_lib
 def get_config():
   c = config_lib.base()
   c.rule = 'wm'
+  c.wm.keep_norm = True  # B keeps its norm: summed conv mirror steps would grow it each step
   c.dataset = 'cifar10'
   c.model = 'resnet20'
   c.resnet.width_mult = 1.0

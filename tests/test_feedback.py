@@ -221,6 +221,36 @@ def test_wm_mirror_steps_are_deterministic_and_keyed_by_step():
   assert not np.allclose(d1['layer_1']['kernel'], d2['layer_1']['kernel'])  # fresh noise per step
 
 
+def test_wm_keep_norm_turns_b_toward_w_at_constant_norm():
+  # The conv layers of a small CNN: plain mirror steps grow B (the sum
+  # over positions); with keep_norm every B keeps its init norm and still turns toward Wᵀ.
+  out = {}
+  for keep in (False, True):
+    c = small_cnn_config('wm')
+    c.wm.keep_norm = keep
+    c.wm.init_steps = 0
+    r, batch = make_rule('wm', c, (8, 8, 1))
+    p0, _ = r.rule.init_params(KEYS[3], batch['image'])
+    c.wm.init_steps = 20
+    r, _ = make_rule('wm', c, (8, 8, 1))
+    p1, _ = r.rule.init_params(KEYS[3], batch['image'])
+    out[keep] = [
+      (b0, b1)
+      for (_, _, b0), (_, _, b1) in zip(
+        metrics.feedback_pairs(p0['forward'], p0['feedback']),
+        metrics.feedback_pairs(p1['forward'], p1['feedback']),
+      )
+    ]
+    before = metrics.weight_metrics(p0['forward'], p0['feedback'])
+    after = metrics.weight_metrics(p1['forward'], p1['feedback'])
+    for k in before:
+      if k.startswith('weight_angle/'):
+        assert float(after[k]) < float(before[k]) - 1.0, (keep, k, before[k], after[k])
+  for b0, b1 in out[True]:
+    np.testing.assert_allclose(np.linalg.norm(b1), np.linalg.norm(b0), rtol=1e-4)
+  assert max(np.linalg.norm(b1) / np.linalg.norm(b0) for b0, b1 in out[False]) > 1.2
+
+
 def test_wm_runs_on_conv_layers():
   c = small_cnn_config('wm')
   c.wm.init_steps = 2

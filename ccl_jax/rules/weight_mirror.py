@@ -7,7 +7,12 @@ After every learning step, each feedback layer is driven by zero-mean noise x ~ 
     B ← (1 − λ)·B + η_m · Σ_n x_n y_nᵀ   (in W's layout — dense: B (in, out); conv: the same
                                           correlation summed over positions, (kh, kw, in, out))
 
-whose expectation is a positive multiple of W (for φ near-linear around 0). Before training,
+whose expectation is a positive multiple of W (for φ near-linear around 0). The sum grows with
+the mirror batch and, for convs, with the positions (≈ η_m·N·P·a²/3 · W a step: about W itself
+per step for a 32×32 conv), so over a deep net's backward pass B's scale compounds layer by
+layer and the gradients overflow. `wm.keep_norm` rescales each B after its step to the norm it
+had before (B's own norm, a quantity local to the feedback synapses: nothing of W is sent), so
+the mirror steps turn B toward W without growing it. Before training,
 `wm.init_steps` mirror steps (−1: one epoch's worth) run from the init key. Every noise key is
 derived from the state's key and step, so all devices draw the same noise and resume is exact.
 """
@@ -34,6 +39,10 @@ SETTINGS = {
   'batch': config_lib.positive('mirror batch size', 128),
   'decay': config_lib.fraction(
     'B ← (1 − λ)·B before each mirror step (0 = none, as the reference)', 0.0
+  ),
+  'keep_norm': Setting(
+    False,
+    'rescale each B to its own pre-step norm after a mirror step (deep conv nets: see above)',
   ),
   'init_steps': Setting(
     -1,
@@ -83,7 +92,10 @@ class WeightMirror:
       y = module.apply({'params': params}, x, method='response')
       _, vjp = jax.vjp(lambda w: module.op()(x, w), params['kernel'])  # Σ_n x_n y_nᵀ in W's layout
       b = metrics_lib.lookup(feedback, path + ('kernel',))
-      new[path + ('kernel',)] = (1.0 - c.decay) * b + c.lr * vjp(y)[0]
+      stepped = (1.0 - c.decay) * b + c.lr * vjp(y)[0]
+      if c.keep_norm:
+        stepped = stepped * (jnp.linalg.norm(b) / jnp.maximum(jnp.linalg.norm(stepped), 1e-30))
+      new[path + ('kernel',)] = stepped
     return jax.tree_util.tree_map_with_path(lambda p, b: new[metrics_lib.names(p)], feedback)
 
   def init_steps(self) -> int:
