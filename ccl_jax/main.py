@@ -47,7 +47,9 @@ def main(argv) -> None:
     import jax
 
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from ccl_jax import train  # after flags: keeps --help fast
+  from ccl_jax import cpu_tuning, train  # after flags: keeps --help fast
+
+  cpu_tuning.tune_allocator()  # this process's malloc: XLA:CPU's large buffers stay mapped
 
   path = config_flags.get_config_filename(FLAGS['config'])
   try:

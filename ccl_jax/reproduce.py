@@ -44,6 +44,7 @@ import traceback
 from concurrent import futures
 from typing import Any
 
+from ccl_jax import cpu_tuning
 from ccl_jax import tables as tables_lib
 from ccl_jax.errors import UserError
 from ccl_jax.tables import Cell, Table
@@ -994,6 +995,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
+  cpu_tuning.tune_allocator()  # runs trained in this process (--jobs 1) train as main's do
   from absl import logging
 
   logging.set_verbosity(logging.ERROR)  # JAX's backend probing and orbax's chatter

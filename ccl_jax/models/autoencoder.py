@@ -113,6 +113,7 @@ class _Blocks(nn.Module):
   init_scale: float = 1e-3
   axis_name: str | None = None  # BatchNorm statistics over the global batch under data parallel
   dtype: Any = None
+  conv_impl: str = 'auto'  # how convs are computed (`layers.CONV_IMPLS`)
 
   @property
   def channels(self) -> list[int]:
@@ -145,10 +146,11 @@ class _Blocks(nn.Module):
         kernel_init=init,
         bias_init=bias_init,
         feedback_init=orthogonal(1.0),
+        impl=self.conv_impl,
         name=name,
       )
     else:
-      conv = nn.Conv(
+      conv = layers.Conv(
         features,
         (3, 3),
         strides=(stride, stride),
@@ -156,6 +158,7 @@ class _Blocks(nn.Module):
         kernel_init=init,
         bias_init=bias_init,
         dtype=self.dtype,
+        impl=self.conv_impl,
         name=name,
       )
     z = conv(h)

@@ -76,6 +76,7 @@ class BlockOptions(nn.Module):
   bio: bool = False
   dim_in_decoder: int = 2048
   axis_name: str | None = None
+  conv_impl: str = 'auto'  # how convs and pools are computed (`layers.CONV_IMPLS`)
 
   def options(self) -> dict:
     return {
@@ -127,12 +128,13 @@ class Block(BlockOptions):
   def linear(self, name: str) -> nn.Module:
     """The block's kind of layer at its width, no bias: Conv3×3 'SAME' or Dense."""
     if self.conv:
-      return nn.Conv(
+      return layers.Conv(
         self.features,
         (3, 3),
         padding='SAME',
         use_bias=False,
         kernel_init=kernel_init('torch'),
+        impl=self.conv_impl,
         name=name,
       )
     return nn.Dense(self.features, use_bias=False, kernel_init=kernel_init('torch'), name=name)
@@ -170,7 +172,7 @@ class BlockNet(BlockOptions):
     kinds = [(w, self.conv) for w in self.spec] + [(w, False) for w in self.fc]
     for w, conv in kinds:
       if w == 'M':
-        h = nn.max_pool(h, (2, 2), strides=(2, 2), padding='SAME')
+        h = layers.max_pool(h, (2, 2), strides=(2, 2), padding='SAME', impl=self.conv_impl)
         continue
       block = Block(features=int(w), conv=conv, **self.options(), name=f'block_{len(found) + 1}')
       h, out = block(sg_if(h, local), train, heads)
@@ -193,6 +195,7 @@ def make(
     bio=bool(bio),
     dim_in_decoder=int(dim_in_decoder),
     axis_name=axis_name,
+    conv_impl=config.get('conv_impl', 'auto'),
   )
   if config.model == 'mlp':
     return BlockNet(

@@ -55,6 +55,7 @@ class CNN(Net):
   """
 
   channels: Sequence[int] = (128, 128, 256, 256, 512)
+  conv_impl: str = 'auto'  # how convs and pools are computed (`layers.CONV_IMPLS`)
 
   def conv(self, features: int, act: Callable, name: str) -> Callable[[jax.Array], jax.Array]:
     init = kernel_init(self.weight_init)
@@ -66,15 +67,17 @@ class CNN(Net):
         activation=act,
         use_bias=self.use_bias,
         kernel_init=init,
+        impl=self.conv_impl,
         name=name,
       )
-    layer = nn.Conv(
+    layer = layers.Conv(
       features,
       (3, 3),
       padding='SAME',
       use_bias=self.use_bias,
       kernel_init=init,
       dtype=self.dtype,
+      impl=self.conv_impl,
       name=name,
     )
     return lambda h: act(layer(h))
@@ -86,7 +89,7 @@ class CNN(Net):
     hiddens = []
     for i, c in enumerate(self.channels):
       h = self.conv(c, act, f'layer_{i + 1}')(sg_if(h, self.local))
-      h = nn.max_pool(h, (2, 2), strides=(2, 2), padding='SAME')
+      h = layers.max_pool(h, (2, 2), strides=(2, 2), padding='SAME', impl=self.conv_impl)
       hiddens.append(h)
     h = h.reshape(h.shape[0], -1)
     out = self.dense(
@@ -117,6 +120,7 @@ class FeedbackCNN(FeedbackNet):
 
   channels: Sequence[int] = ()
   image_shape: Sequence[int] = ()
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, targets: jax.Array) -> list[jax.Array]:
@@ -136,14 +140,15 @@ class FeedbackCNN(FeedbackNet):
     out = [None] * (n + 1)
     out[n] = g
     for l in reversed(range(n)):
-      g = jax.image.resize(jax.lax.stop_gradient(g), (k,) + sizes[l] + (widths[l + 1],), 'nearest')
-      g = nn.Conv(
+      g = layers.upsample_nearest(jax.lax.stop_gradient(g), sizes[l])
+      g = layers.Conv(
         widths[l],
         (3, 3),
         padding='SAME',
         use_bias=False,
         kernel_init=kernel_init(self.weight_init),
         dtype=self.dtype,
+        impl=self.conv_impl,
         name=f'layer_{l + 1}',
       )(g)
       out[l] = g if l == 0 else act(g)

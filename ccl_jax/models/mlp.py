@@ -15,7 +15,7 @@ from ccl_jax import layers
 from ccl_jax.config import Setting
 
 ACTIVATIONS: dict[str, Callable] = {
-  'elu': nn.elu,
+  'elu': layers.elu,  # nn.elu's value and gradient, its backward read from the output
   'relu': nn.relu,
   'sigmoid': nn.sigmoid,
   'tanh': jnp.tanh,

@@ -57,15 +57,21 @@ class ResNet(nn.Module):
   zero_init_residual: bool = True
   axis_name: str | None = None
   dtype: Any = None
+  conv_impl: str = 'auto'  # how convs and pools are computed (`layers.CONV_IMPLS`)
 
   def conv(self, features: int, kernel: int, strides: int = 1, name: str | None = None):
     init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # He init, as torchvision
     size, step = (kernel, kernel), (strides, strides)
     if self.feedback:
       return layers.FeedbackConv(
-        features=features, kernel_size=size, strides=step, kernel_init=init, name=name
+        features=features,
+        kernel_size=size,
+        strides=step,
+        kernel_init=init,
+        impl=self.conv_impl,
+        name=name,
       )
-    return nn.Conv(
+    return layers.Conv(
       features,
       size,
       step,
@@ -73,6 +79,7 @@ class ResNet(nn.Module):
       use_bias=False,
       kernel_init=init,
       dtype=self.dtype,
+      impl=self.conv_impl,
       name=name,
     )
 
@@ -115,7 +122,7 @@ class ResNet(nn.Module):
     x = self.conv(self.width, kernel, stride, name='stem_conv')(x)
     x = nn.relu(self.norm(train, name='stem_bn')(x))
     if self.stem == 'imagenet':
-      x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
+      x = layers.max_pool(x, (3, 3), (2, 2), padding='SAME', impl=self.conv_impl)
     stage_outputs = []
     for i, n in enumerate(self.stages):
       for j in range(n):
