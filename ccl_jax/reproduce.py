@@ -36,6 +36,7 @@ import math
 import os
 import pathlib
 import queue
+import shlex
 import statistics
 import subprocess
 import sys
@@ -1000,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
 
   logging.set_verbosity(logging.ERROR)  # JAX's backend probing and orbax's chatter
   table = tables_lib.TABLES[args.table]
-  command = 'python -m ccl_jax.reproduce ' + ' '.join(argv)
+  command = 'python -m ccl_jax.reproduce ' + shlex.join(argv)
   if not table.train:
     if args.dry_run:
       for (row, column), cell in table.cells.items():

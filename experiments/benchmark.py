@@ -10,10 +10,13 @@ shuffling and the per-call metrics pull (`--epoch_steps N`: timed over N steps a
 epoch; 0 skips it).
 
 Where PyTorch can be imported (it is not a dependency), each MLP and cnn_pool case also gets a
-side-by-side baseline: the same network's backprop step in torch (`torch_baseline.py`), timed in
-the same interleaved rounds at 1 and 2 threads, its best thread count reported
-(`ours_over_torch`: our samples/s over torch's). The roof is then the faster of XLA's and torch's
-fp32 matmul. Without torch the baseline is skipped with a message (`--torch off` skips it too).
+side-by-side baseline in torch (`torch_baseline.py`), timed in the same interleaved rounds at 1 and
+2 threads, its best thread count reported (`ours_over_torch`: our samples/s over torch's). The
+baseline is the same computation as the row's where torch has a twin of it (`torch_step`): 'ccl'
+for CCL rows (our CCL step written in torch: local forward net, feedback net on the identity, the
+same pair losses and per-tree optimizers), 'bp' for every other rule (the same network's backprop
+step). The roof is then the faster of XLA's and torch's fp32 matmul. Without torch the baseline
+is skipped with a message (`--torch off` skips it too).
 
   python experiments/benchmark.py                       # CIFAR-10 MLP, BP vs CCL, batch 256
   python experiments/benchmark.py --configs cifar10_mlp_bp,cifar10_mlp_ccl,mnist_mlp_fa \
@@ -236,6 +239,7 @@ class Case:
     threads = min(medians, key=medians.get)
     torch_rate = self.batch / medians[threads]
     return {
+      'torch_step': self.torch.kind,
       'torch_samples_per_s': torch_rate,
       'torch_threads': threads,
       **{f'torch_step_ms_{t}t': 1e3 * m for t, m in medians.items()},
@@ -262,18 +266,23 @@ def bench(
   elif use_torch and not torch_baseline.available():
     print('torch is not importable: the PyTorch baseline is skipped', flush=True)
   elif use_torch:
-    twins: dict = {}  # one torch step per network × batch, shared by the rules on it
+    # One torch step per kind × network × batch: the BP twin is shared by the rules on a network,
+    # the CCL twin belongs to its config.
+    twins: dict = {}
     for case in cases:
       c = case.config
-      if not torch_baseline.supports(c):
+      kind = torch_baseline.kind(c)
+      if kind is None:
+        if c.model in torch_baseline.NETWORKS:
+          print(f"no torch twin of {case.name}'s step: its torch baseline is skipped", flush=True)
         continue
       shape, k, _ = SHAPES[c.dataset]
-      key = (network(c), activation(c), c.dataset, case.batch)
+      name = case.name if kind == 'ccl' else ''
+      key = (kind, name, network(c), activation(c), c.dataset, case.batch)
       if key not in twins:
-        bp = load_config(case.name)
-        bp.batch_size = case.batch
-        bp = config_lib.finalize(bp)
-        twins[key] = torch_baseline.Step(bp, shape, k, case.batch, steps, TORCH_THREADS)
+        twins[key] = torch_baseline.make(
+          c, shape, k, case.batch, steps, TORCH_THREADS, case.learner.rule.task.total_steps
+        )
       case.torch = twins[key]
     torch_roof = torch_baseline.matmul() if twins else None
   roof_call, roof_flops = matmul()
@@ -371,6 +380,7 @@ COLUMNS = [
   ('gflop_per_s', '{:.1f}'),
   ('roof_fraction', '{:.2f}'),
   ('xla_roof_fraction', '{:.2f}'),
+  ('torch_step', '{}'),
   ('torch_samples_per_s', '{:.0f}'),
   ('torch_threads', '{}'),
   ('ours_over_torch', '{:.2f}'),
@@ -381,12 +391,19 @@ COLUMNS = [
 ]
 
 
+FLOP_NOTE = (
+  "`mflop_per_sample` is a step's work: XLA's FLOP count of it with lax.conv convs (padding taps\n"
+  'not counted), for every `conv_impl`; `gflop_per_s` and `roof_fraction` are of that work.\n'
+  "`mflop_executed` is XLA's count of the row's own step: im2col also multiplies the zero taps,\n"
+  "Winograd's transformed products are fewer than the work.\n"
+)
 TORCH_NOTE = (
-  "`torch_samples_per_s`: PyTorch's backprop step on the same network and batch (CPU, at its\n"
-  'best thread count `torch_threads` of 1 and 2, timed in the same rounds; no on-device batch\n'
-  "drawing or augmentation, which ours includes); `ours_over_torch`: this row's samples/s over\n"
-  "it, for CCL rows too (against torch's BP: the official CCL code's step was measured ~1.1-1.2×\n"
-  'faster than its BP on these nets in issue 17).\n'
+  "`torch_samples_per_s`: PyTorch's twin of the row's step on the same network and batch (CPU,\n"
+  'at its best thread count `torch_threads` of 1 and 2, timed in the same rounds; no on-device\n'
+  'batch drawing or augmentation, which ours includes). `torch_step` says which: `ccl`, our CCL\n'
+  'step written in torch (local forward net, feedback net on the K×K identity, the same pair and\n'
+  'task losses, one backward, per-tree clipping and SGD), for CCL rows; `bp`, the same\n'
+  "network's backprop step, for the others. `ours_over_torch`: this row's samples/s over it.\n"
 )
 
 
@@ -456,8 +473,8 @@ def main(argv=None) -> None:
       'a metrics pull per call; with --epoch_steps N its first N steps, and `epoch_s` scaled to\n'
       'the epoch) over steps × a step time taken just after it. For the local-loss\n'
       'rules (pred, sim, predsim) the backprop baseline is `global` on the same block net.\n'
-      + TORCH_NOTE
-      * ('torch' in roofs)
+      + FLOP_NOTE
+      + TORCH_NOTE * ('torch' in roofs)
       + 'On a shared VM\n'
       'absolute times drift by about ±10% between runs: compare rows of one run only.\n\n'
     )

@@ -11,6 +11,9 @@ from ccl_jax import figures, snapshots, train
 
 from conftest import DATA_DIR, load_config
 
+# One parallel test worker for the whole file: its tests share a module fixture.
+pytestmark = pytest.mark.xdist_group('figures')
+
 TINY = dict(
   ae__widths=(4, 8, 8),
   train_subset=64,

@@ -25,6 +25,9 @@ from ccl_jax import workdir as workdir_lib
 from ccl_jax.checkpoint import Checkpointer
 from ccl_jax.errors import UserError
 
+# One parallel test worker for the whole file: its tests share a module fixture.
+pytestmark = pytest.mark.xdist_group('reliability')
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS = 3
 

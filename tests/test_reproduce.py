@@ -14,6 +14,9 @@ import pytest
 from ccl_jax import report, reproduce, train
 from ccl_jax.tables import Cell, Table
 
+# One parallel test worker for the whole file: its tests share a module fixture.
+pytestmark = pytest.mark.xdist_group('reproduce')
+
 
 def write_run(
   spec: reproduce.RunSpec, val: list[float], test: float, best_epoch: int | None = None

@@ -62,7 +62,19 @@ PMAP_CASES = {
 }
 
 
-def test_pmap_shard_map_and_single_device_agree_for_every_rule():
+EVERY_RULE_CASES = [(rule, {}) for rule in rules.names()] + [
+  ('predsim', {'model': 'vgg8b', 'vgg.feat_mult': 1 / 32}),  # conv BN, per-channel-std similarity
+  ('predsim', {'local.bio': True}),
+  ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8)}),  # the gathered ĤĤᵀ term
+  ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8), 'ccl.filter_target': 0.1}),  # rows masked
+  ('bp', {'model': 'resnet20', 'resnet.width_mult': 0.25}),  # BatchNorm over the global batch
+  ('kp', {'model': 'resnet20', 'resnet.width_mult': 0.25}),
+]
+PARTS = 3  # the cases in 3 interleaved parts, so parallel test workers can share them
+
+
+@pytest.mark.parametrize('part', range(PARTS))
+def test_pmap_shard_map_and_single_device_agree_for_every_rule(part):
   """Three steps of every rule on a fixed global batch: pmap and shard_map equal one device.
 
   Covers custom-VJP rules (FA/sign/KP/WM) and WM's per-step noise, which must be the same on
@@ -70,15 +82,10 @@ def test_pmap_shard_map_and_single_device_agree_for_every_rule():
   see the global batch. Every case runs under shard_map; pmap, which reaches the rules through
   the same `BatchAxis`, runs for one case of each kind of cross-device term (PMAP_CASES)."""
   if jax.device_count() < DEVICES:
-    return in_subprocess_with_devices('test_pmap_shard_map_and_single_device_agree_for_every_rule')
-  cases = [(rule, {}) for rule in rules.names()] + [
-    ('predsim', {'model': 'vgg8b', 'vgg.feat_mult': 1 / 32}),  # conv BN, per-channel-std similarity
-    ('predsim', {'local.bio': True}),
-    ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8)}),  # the gathered ĤĤᵀ term
-    ('ccl', {'model': 'cnn', 'cnn.channels': (4, 8), 'ccl.filter_target': 0.1}),  # rows masked
-    ('bp', {'model': 'resnet20', 'resnet.width_mult': 0.25}),  # BatchNorm over the global batch
-    ('kp', {'model': 'resnet20', 'resnet.width_mult': 0.25}),
-  ]
+    return in_subprocess_with_devices(
+      f'test_pmap_shard_map_and_single_device_agree_for_every_rule[{part}]'
+    )
+  cases = EVERY_RULE_CASES[part::PARTS]
   for rule, extra in cases:
     # No clipping: clipping would normalise away a wrong (summed) gradient average.
     config = load_config(

@@ -22,6 +22,9 @@ from ccl_jax.checkpoint import Checkpointer
 
 from conftest import ROOT, load_config
 
+# One parallel test worker for the whole file: its tests share a module fixture.
+pytestmark = pytest.mark.xdist_group('stream')
+
 # One small streamed digits run shared by the tests below (the CLI flags and the config agree).
 FLAGS = {
   'pipeline': 'stream',
