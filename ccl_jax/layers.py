@@ -157,7 +157,10 @@ def _pads(hw, kernel, strides, padding) -> tuple[tuple[int, int], ...]:
 # Winograd F(m×m, 3×3) (Lavin & Gray 2016): an m×m output tile is Aᵀ[(G W Gᵀ) ⊙ (Bᵀ d B)]A of the
 # (m+2)² input tile d under it, so a 3×3 conv takes (m+2)² products per m² outputs instead of 9m²:
 # F(2, 3) 2.25× and F(4, 3) 4× fewer multiply-adds, all of them (m+2)² batched
-# (tiles × in)·(in × out) matmuls, in the backward pass too (autodiff of the same ops). Measured on
+# (tiles × in)·(in × out) matmuls, in the backward pass too. The transforms' transposes are written
+# out (the same stacked weighted sums with the matrices transposed; the adjoint kernel is read from
+# W in place): `jax.linear_transpose` of them gave pad-and-add loops and transposed copies of W that
+# cost ~150 of a ~700 ms cifar10_cnn_bp step. Measured on
 # the 2-core CPU (forward and both gradients, batch 128, 128-256 channels), against im2col:
 # F(4, 3) 1.9× faster on 16×16 maps and 1.9× on 8×8; on 4×4 maps F(2, 3) 1.3× (F(4, 3) less); on
 # 2×2 maps and with few channels both are slower, so those stay im2col. F(4, 3)'s transforms cost
@@ -226,13 +229,18 @@ def winograd_conv(
   return _winograd(x, w, pads, m, precision, preferred_element_type)
 
 
-def _winograd_parts(x_shape, w_shape, pads, m: int):
-  """The three linear maps of F(m×m, 3×3) for these shapes: input → tiles (n, n, b·tiles, cin),
-  kernel → (n, n, cin, cout) and products (n, n, b·tiles, cout) → output."""
+def _winograd_parts(x_shape, w_shape, pads, m: int, adjoint: bool = False):
+  """The linear maps of F(m×m, 3×3) for these shapes: input → tiles (n, n, b·tiles, in),
+  kernel → (n, n, W's in, W's out) and its transpose, products (n², b·tiles, out) → output and
+  its transpose. `adjoint`: the conv by W flipped with its channels swapped (x's cotangent),
+  read straight from W: G's columns reversed flip it, and the products contract W's outputs
+  (no transposed copy of W is made)."""
   bt, g, at = (np.asarray(a, np.float64) for a in WINOGRAD[m])
+  if adjoint:
+    g = g[:, ::-1]
   (pt, pb), (pl, pr) = pads
-  b, h, wd, cin = x_shape
-  n, cout = m + 2, w_shape[3]
+  b, h, wd, _ = x_shape
+  n, cout = m + 2, w_shape[2 if adjoint else 3]
   ho, wo = h + pt + pb - 2, wd + pl + pr - 2
   th, tw = -(-ho // m), -(-wo // m)  # tiles; the last may overhang the output and is cropped
 
@@ -240,59 +248,69 @@ def _winograd_parts(x_shape, w_shape, pads, m: int):
     spatial = ((0, 0, 0), (pt, m * th + 2 - h - pt, 0), (pl, m * tw + 2 - wd - pl, 0), (0, 0, 0))
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), spatial)
     v = _tile_transform(_tile_transform(x, 1, th, bt, m), 3, tw, bt, m)  # (n col, n row, ...)
-    return v.reshape(n, n, b * th * tw, cin)
+    return v.reshape(n * n, b * th * tw, x.shape[3])
 
-  def kernel(w):
-    gw = jnp.asarray(g, w.dtype)
-    return jnp.einsum('ik,klco,jl->jico', gw, w, gw)  # (n col, n row, cin, cout)
+  def kernel(w):  # G W Gᵀ per channel pair: (n col, n row, W's in, W's out)
+    return _to_front(_to_front(w, 0, g), 1, g).reshape(n * n, *w.shape[2:])
 
-  def output(y):
+  def kernel_t(du):  # its transpose: (n², W's in, W's out) → W's shape
+    du = du.reshape(n, n, *du.shape[1:])
+    return _combine_on(_to_front(du, 1, g.T), 1, g.T)
+
+  def output(y):  # Aᵀ Y A per tile, tiles put back in place, the overhang cropped
     y = y.reshape(n, n, b, th, tw, cout)
     y = _combine_on(_combine_on(y, 1, at), 0, at)  # (m col, m row, b, th, tw, cout)
     y = jnp.transpose(y, (2, 3, 1, 4, 0, 5)).reshape(b, m * th, m * tw, cout)
     return y[:, :ho, :wo]
 
-  return tiles, kernel, output, (n * n, b * th * tw)
+  def output_t(gy):  # its transpose: (b, ho, wo, cout) → (n², b·tiles, cout)
+    gy = jax.lax.pad(
+      gy, jnp.zeros((), gy.dtype), ((0, 0, 0), (0, m * th - ho, 0), (0, m * tw - wo, 0), (0, 0, 0))
+    )
+    gy = jnp.transpose(gy.reshape(b, th, m, tw, m, cout), (4, 2, 0, 1, 3, 5))
+    return _combine_on(_combine_on(gy, 0, at.T), 1, at.T).reshape(n * n, b * th * tw, cout)
 
+  def products(v, u, precision, preferred):  # (n², tiles, in) · per position → (n², tiles, out)
+    return jax.lax.dot_general(
+      v,
+      u,
+      (((2,), (2 if adjoint else 1,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=preferred,
+    )
 
-def _tile_products(v, u, precision, preferred):
-  """(n², tiles, cin) · (n², cin, cout) per tile position."""
-  nn_, tiles = v.shape[0] * v.shape[1], v.shape[2]
-  return jax.lax.dot_general(
-    v.reshape(nn_, tiles, v.shape[3]),
-    u.reshape(nn_, u.shape[2], u.shape[3]),
-    (((2,), (1,)), ((0,), (0,))),
-    precision=precision,
-    preferred_element_type=preferred,
-  )
+  def apply(x, w, precision, preferred):
+    return output(products(tiles(x), kernel(w), precision, preferred))
+
+  return tiles, kernel, kernel_t, output, output_t, products, apply
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _winograd(x, w, pads, m, precision, preferred):
-  tiles, kernel, output, _ = _winograd_parts(x.shape, w.shape, pads, m)
-  return output(_tile_products(tiles(x), kernel(w), precision, preferred))
+  return _winograd_parts(x.shape, w.shape, pads, m)[-1](x, w, precision, preferred)
 
 
 def _winograd_fwd(x, w, pads, m, precision, preferred):
-  tiles, kernel, output, _ = _winograd_parts(x.shape, w.shape, pads, m)
+  tiles, kernel, _, output, _, products, _ = _winograd_parts(x.shape, w.shape, pads, m)
   v = tiles(x)
-  return output(_tile_products(v, kernel(w), precision, preferred)), (v, w, x.shape)
+  return output(products(v, kernel(w), precision, preferred)), (v, w, x.shape)
 
 
 def _winograd_bwd(pads, m, precision, preferred, res, g):
   v, w, x_shape = res
-  _, kernel, output, (nn_, tiles) = _winograd_parts(x_shape, w.shape, pads, m)
-  out_dtype = jax.ShapeDtypeStruct((nn_, tiles, w.shape[3]), g.dtype)
-  (dy,) = jax.linear_transpose(output, out_dtype)(g)  # (n², tiles, cout)
-  du = jax.lax.dot_general(  # (n², cin, cout)
-    v.reshape(nn_, tiles, v.shape[3]), dy, (((1,), (1,)), ((0,), (0,))), precision=precision
-  )
-  (dw,) = jax.linear_transpose(kernel, jax.ShapeDtypeStruct(w.shape, w.dtype))(
-    du.reshape(m + 2, m + 2, *w.shape[2:]).astype(w.dtype)
-  )
+  _, _, kernel_t, _, output_t, _, _ = _winograd_parts(x_shape, w.shape, pads, m)
+  dy = output_t(g)  # (n², tiles, cout)
+  du = jax.lax.dot_general(v, dy, (((1,), (1,)), ((0,), (0,))), precision=precision)
+  dw = kernel_t(du.astype(w.dtype))
   (pt, pb), (pl, pr) = pads
-  w_adj = jnp.flip(w, (0, 1)).swapaxes(2, 3)
-  dx = winograd_conv(g, w_adj, (1, 1), ((2 - pt, 2 - pb), (2 - pl, 2 - pr)), precision)
+  adjoint_pads = ((2 - pt, 2 - pb), (2 - pl, 2 - pr))
+  m_adj = winograd_tile(tuple(w.shape), (1, 1), tuple(x_shape[1:3]))
+  if m_adj:  # x's cotangent: the Winograd conv of g with the adjoint kernel, W read in place
+    apply = _winograd_parts(g.shape, w.shape, adjoint_pads, m_adj, adjoint=True)[-1]
+    dx = apply(g, w, precision, None)
+  else:
+    w_adj = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+    dx = im2col_conv(g, w_adj, (1, 1), adjoint_pads, precision)
   return dx.astype(v.dtype), dw
 
 
@@ -306,10 +324,16 @@ def _tile_transform(x: Array, axis: int, tiles: int, bt: np.ndarray, m: int) -> 
   return jnp.stack([_weighted_sum(d, row) for row in bt])
 
 
-def _combine_on(y: Array, axis: int, at: np.ndarray) -> Array:
-  """Aᵀy along `axis` (length m + 2 → m)."""
-  parts = [jax.lax.index_in_dim(y, k, axis, keepdims=False) for k in range(at.shape[1])]
-  return jnp.stack([_weighted_sum(parts, row) for row in at], axis)
+def _to_front(y: Array, axis: int, mat: np.ndarray) -> Array:
+  """mat·y along `axis`, the result's rows on a new first axis (`axis` is consumed)."""
+  parts = [jax.lax.index_in_dim(y, k, axis, keepdims=False) for k in range(mat.shape[1])]
+  return jnp.stack([_weighted_sum(parts, row) for row in mat])
+
+
+def _combine_on(y: Array, axis: int, mat: np.ndarray) -> Array:
+  """mat·y along `axis` (its length mat.shape[1] → mat.shape[0]), in place."""
+  parts = [jax.lax.index_in_dim(y, k, axis, keepdims=False) for k in range(mat.shape[1])]
+  return jnp.stack([_weighted_sum(parts, row) for row in mat], axis)
 
 
 def _weighted_sum(parts: list[Array], coeffs: np.ndarray) -> Array:

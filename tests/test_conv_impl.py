@@ -247,3 +247,46 @@ def test_cnn_gradients_agree_between_impls(rule):
     grads[impl] = learner.rule.gradients(state, batch, jax.random.PRNGKey(1))[0]
   for impl in ('im2col', 'winograd'):
     chex.assert_trees_all_close(grads[impl], grads['xla'], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('activation', ['elu', 'relu', 'sigmoid'])
+def test_plain_cnn_pools_before_its_activation_with_the_same_values_and_gradients(activation):
+  """Plain (non-feedback) CNNs apply φ after the max-pool; for a nondecreasing φ the outputs, block
+  outputs and parameter gradients equal the written order's, conv → φ → pool (lax.conv, nn.max_pool
+  and the flax activation), on an odd map (7 → 4 → 2, 'SAME' pools pad with −inf)."""
+  from ccl_jax.models import cnn, mlp
+
+  act = {'elu': nn.elu, 'relu': nn.relu, 'sigmoid': nn.sigmoid}[activation]
+  net = cnn.CNN(num_classes=10, channels=(32, 40), activation=activation, conv_impl='xla')
+  x = normal(3, (4, 7, 7, 2))
+  params = net.init(jax.random.PRNGKey(0), x)['params']
+  assert activation in mlp.NONDECREASING
+
+  def written_order(params):
+    h, hiddens = x, []
+    for i in range(2):
+      z = lax_conv(h, params[f'layer_{i + 1}']['kernel'], (1, 1), 'SAME')
+      h = nn.max_pool(act(z), (2, 2), strides=(2, 2), padding='SAME')
+      hiddens.append(h)
+    return h.reshape(4, -1) @ params['layer_3']['kernel'], hiddens
+
+  def loss(fn, params):
+    out, hiddens = fn(params)
+    return jnp.sum(out**2) + sum(jnp.sum(jnp.sin(h)) for h in hiddens)
+
+  ours = lambda p: net.apply({'params': p}, x)  # noqa: E731
+  chex.assert_trees_all_close(ours(params), written_order(params), **TOL)
+  chex.assert_trees_all_close(
+    jax.grad(lambda p: loss(ours, p))(params),
+    jax.grad(lambda p: loss(written_order, p))(params),
+    **TOL,
+  )
+
+
+def test_activations_marked_nondecreasing_are():
+  """Only activations that commute with a max may be pooled first (`mlp.NONDECREASING`)."""
+  from ccl_jax.models import mlp
+
+  z = jnp.linspace(-30.0, 30.0, 200001)
+  for name in mlp.NONDECREASING:
+    assert bool(jnp.all(jnp.diff(mlp.ACTIVATIONS[name](z)) >= 0)), name

@@ -22,6 +22,8 @@ ACTIVATIONS: dict[str, Callable] = {
   'leaky_relu': lambda x: nn.leaky_relu(x, 0.01),
   'none': lambda x: x,
 }
+# Activations that commute with a max exactly, in float32 too (XLA's tanh is not monotone).
+NONDECREASING = frozenset({'elu', 'relu', 'sigmoid', 'leaky_relu', 'none'})
 
 
 INITS = ('torch', 'glorot_normal', 'orthogonal')
