@@ -53,6 +53,11 @@ class Learner:
     for t in TREES:  # a tree without gradients (FA's B, BP's empty feedback) keeps its state
       if jax.tree.leaves(grads[t], is_leaf=optim.is_low_rank):
         updates[t], opt_state[t] = self.tx[t].update(grads[t], state.opt_state[t], state.params[t])
+        on = self.rule.steps_tree(state, t)
+        if on is not None:  # this step skips the tree: its parameters and optimizer state stay
+          keep = lambda new, old: jnp.where(on, new, old)  # noqa: E731
+          opt_state[t] = jax.tree.map(keep, opt_state[t], state.opt_state[t])
+          updates[t] = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), updates[t])
       else:
         updates[t] = None
     params = self.rule.apply_updates(state.params, updates, state)

@@ -188,11 +188,16 @@ def test_k_feedback_steps_run_inside_one_compiled_update(rule):
   )
 
 
-def test_pretraining_steps_move_only_the_feedback():
-  learner, state, batch = tiny('dtp', tp__pretrain_steps=2)
+@pytest.mark.parametrize('optimizer', [{}, {'name': 'adam', 'weight_decay': 0.1}])
+def test_pretraining_steps_move_only_the_feedback(optimizer):
+  """During pre-training the forward tree does not step at all: with Adam and weight decay its
+  parameters and optimizer state (moments, count) stay bitwise, so training starts fresh."""
+  overrides = {f'optimizer.forward.{k}': v for k, v in optimizer.items()}
+  learner, state, batch = tiny('dtp', tp__pretrain_steps=2, **overrides)
   update = jax.jit(learner.update)
   one = update(state, batch)[0]
   chex.assert_trees_all_equal(one.params['forward'], state.params['forward'])
+  chex.assert_trees_all_equal(one.opt_state['forward'], state.opt_state['forward'])
   assert not np.allclose(
     one.params['feedback']['layer_2']['kernel'], state.params['feedback']['layer_2']['kernel']
   )

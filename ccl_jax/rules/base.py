@@ -14,8 +14,9 @@ and, only if it needs them, `apply_updates(params, updates, state) -> params` (h
 optimizers' updates become parameters, for rules that also move weights themselves: KP, sign
 symmetry, WM), `before_update(state, batch, rng, step_tree) -> (state, metrics)` (optimizer
 steps a rule takes on one tree before its main step: target propagation's K feedback steps per
-batch, each through `step_tree`) and `analyze(state, batch) -> metrics` (alignment metrics logged
-at evaluations).
+batch, each through `step_tree`), `steps_tree(state, tree) -> bool scalar | None` (whether a tree
+steps at this update: target propagation's pre-training holds the forward tree) and
+`analyze(state, batch) -> metrics` (alignment metrics logged at evaluations).
 It knows nothing about optimizers, devices or the loop: `step.py` averages the gradients over
 devices and runs each tree's optax transformation. `rules/backprop.py` is the smallest example.
 """
@@ -126,6 +127,13 @@ class Rule:
       t: params[t] if updates[t] is None else optim.apply_updates(params[t], updates[t])
       for t in TREES
     }
+
+  def steps_tree(self, state: TrainState, tree: str) -> jax.Array | None:
+    """Whether `tree` takes its optimizer step at this update (a boolean scalar; None: always).
+    A tree that does not step keeps its parameters and optimizer state (schedule count,
+    moments) exactly, as if the update had not happened for it."""
+    del state, tree
+    return None
 
   def before_update(
     self, state: TrainState, batch: Batch, rng: jax.Array, step_tree: StepTree

@@ -264,16 +264,18 @@ class TargetProp(base.Rule):
 
   def gradients(self, state, batch, rng):
     grads, layer_loss, out = self.forward_gradients(self.net, state.params, batch)
-    pretrain = int(self.settings.get('pretrain_steps', 0)) if self.feedback_loss else 0
-    if pretrain:  # feedback-only steps at the start of the run: no forward step
-      on = (state.step >= pretrain).astype(jnp.float32)
-      grads = jax.tree.map(lambda g: g * on, grads)
     metrics = {
       'loss': base.task_loss(out, batch['label'], self.config.loss),
       'accuracy': base.accuracy(out, batch['label']),
       'layer_loss': layer_loss,
     }
     return {'forward': grads, 'feedback': {}}, metrics, state.extra
+
+  def steps_tree(self, state, tree):
+    """Pre-training: the first `pretrain_steps` updates step the feedback weights only (the
+    forward weights and their optimizer state, schedule count included, wait)."""
+    pretrain = int(self.settings.get('pretrain_steps', 0)) if self.feedback_loss else 0
+    return state.step >= pretrain if pretrain and tree == 'forward' else None
 
   # -- alignment metrics ---------------------------------------------------------------------
   def analyze(self, state, batch):
