@@ -290,3 +290,11 @@ def test_activations_marked_nondecreasing_are():
   z = jnp.linspace(-30.0, 30.0, 200001)
   for name in mlp.NONDECREASING:
     assert bool(jnp.all(jnp.diff(mlp.ACTIVATIONS[name](z)) >= 0)), name
+
+
+@pytest.mark.parametrize('impl', ['xla', 'im2col'])
+def test_local_loss_block_nets_take_the_configs_conv_impl(impl):
+  """The local-loss rules' VGG block nets are placed like every other net (`models.placed`)."""
+  config = load_config('default', rule='predsim', model='vgg8b', conv_impl=impl)
+  learner = step_lib.build(config_lib.finalize(config), Task(10, (8, 8, 1), 10))
+  assert learner.rule.model.conv_impl == impl

@@ -39,7 +39,7 @@ def forward(config, task, local: bool, feedback: bool = False, axis_name: str | 
       f"model '{config.model}' is built for the local-loss rules (global, pred, "
       f"sim, predsim), not rule '{config.rule}'"
     )
-  return _placed(module.forward(config, task, local=local, feedback=feedback), config, axis_name)
+  return placed(module.forward(config, task, local=local, feedback=feedback), config, axis_name)
 
 
 def feedback(config, task, axis_name: str | None = None):
@@ -47,10 +47,10 @@ def feedback(config, task, axis_name: str | None = None):
   module = REGISTRY[config.model]
   if not hasattr(module, 'feedback'):
     raise UserError(f"model '{config.model}' has no feedback twin for rule '{config.rule}'")
-  return _placed(module.feedback(config, task), config, axis_name)
+  return placed(module.feedback(config, task), config, axis_name)
 
 
-def _placed(net, config, axis_name: str | None):
+def placed(net, config, axis_name: str | None):
   """`net` with the run's placement fields where it has them: the data-parallel `axis_name` and
   `conv_impl` (how its convs and pools are computed, `config.conv_impl`)."""
   fields = {'axis_name': axis_name, 'conv_impl': config.get('conv_impl', 'auto')}

@@ -183,19 +183,16 @@ class BlockNet(BlockOptions):
     return logits.astype(jnp.float32), found
 
 
-def make(
-  config, task, axis_name: str | None, num_pred: int, dropout: float, bio: bool, dim_in_decoder: int
-) -> BlockNet:
+def make(config, task, num_pred: int, dropout: float, bio: bool, dim_in_decoder: int) -> BlockNet:
   """The block net of `config.model`: 'mlp' (Linear blocks of `config.mlp.hidden`), 'vgg8b' or
-  'vgg11b' (conv widths × `config.vgg.feat_mult`, then one FC block of 1024)."""
+  'vgg11b' (conv widths × `config.vgg.feat_mult`, then one FC block of 1024). Its placement
+  fields (`axis_name`, `conv_impl`) are `models.placed`'s to set."""
   common = dict(
     num_classes=task.num_classes,
     num_pred=num_pred,
     dropout=float(dropout),
     bio=bool(bio),
     dim_in_decoder=int(dim_in_decoder),
-    axis_name=axis_name,
-    conv_impl=config.get('conv_impl', 'auto'),
   )
   if config.model == 'mlp':
     return BlockNet(

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from ccl_jax import config as config_lib
+from ccl_jax import models
 from ccl_jax.config import Setting
 from ccl_jax.errors import UserError
 from ccl_jax.models import blocks
@@ -68,15 +69,15 @@ class LocalLosses(base.Rule):
     self.heads = VARIANTS[config.rule]
     self.bio = bool(c.bio)
     self.beta = float(c.beta if c.beta >= 0 else (0.01 if self.bio else 0.99))
-    self.model = blocks.make(
+    net = blocks.make(
       config,
       task,
-      batch_axis.name,
       num_pred=int(c.code_size) if self.bio else task.num_classes,
       dropout=c.dropout,
       bio=c.bio,
       dim_in_decoder=c.dim_in_decoder,
     )
+    self.model = models.placed(net, config, batch_axis.name)
 
   def init_params(self, rng, images):
     params_rng, proj_rng = jax.random.split(rng)
