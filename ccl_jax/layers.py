@@ -148,6 +148,13 @@ def im2col_conv(
   return _im2col(x, w, tuple(strides), pads, hw, precision, preferred_element_type)
 
 
+def adjoint_kernel(w: Array) -> Array:
+  """The kernel of a layer's adjoint map, in the layout of a layer going the other way: dense
+  (in, out) → (out, in); conv (kh, kw, in, out) → flipped in space, (kh, kw, out, in) (a stride-1
+  conv's input gradient is the conv of g with it, padded to give x's size back)."""
+  return w.T if w.ndim == 2 else jnp.flip(w, (0, 1)).swapaxes(2, 3)
+
+
 def _pads(hw, kernel, strides, padding) -> tuple[tuple[int, int], ...]:
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(hw, kernel, strides, padding)
@@ -309,7 +316,7 @@ def _winograd_bwd(pads, m, precision, preferred, res, g):
     apply = _winograd_parts(g.shape, w.shape, adjoint_pads, m_adj, adjoint=True)[-1]
     dx = apply(g, w, precision, None)
   else:
-    w_adj = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+    w_adj = adjoint_kernel(w)
     dx = im2col_conv(g, w_adj, (1, 1), adjoint_pads, precision)
   return dx.astype(v.dtype), dw
 
@@ -420,7 +427,7 @@ def _im2col_bwd(strides, pads, hw, precision, preferred, res, g):
   if strides == (1, 1):  # the conv of g with the adjoint kernel, padded to give x's size back
     (pt, pb), (pl, pr) = pads
     adjoint_pads = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
-    w_adj = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+    w_adj = adjoint_kernel(w)
     dx = _times_kernel(_patches(g, (kh, kw), (1, 1), adjoint_pads), w_adj, precision)
   else:  # g·Wᵀ, each shift's share added back where its slice came from
     dp = jax.lax.dot_general(

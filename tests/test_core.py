@@ -312,14 +312,13 @@ def test_normalized_pair_loss_matches_hand_computation():
 
 def test_conv_adjoint_kernel_is_the_transpose_map():
   from ccl_jax import layers
-  from ccl_jax.rules.counter_current import adjoint
 
   rng = np.random.default_rng(1)
   w = jnp.asarray(rng.normal(size=(3, 3, 2, 5)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(1, 6, 6, 2)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(1, 6, 6, 5)), jnp.float32)
   lhs = jnp.sum(layers.conv(x, w) * y)
-  rhs = jnp.sum(x * layers.conv(y, adjoint(w)))  # <Wx, y> = <x, W*y>
+  rhs = jnp.sum(x * layers.conv(y, layers.adjoint_kernel(w)))  # <Wx, y> = <x, W*y>
   np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
 
 
@@ -349,11 +348,11 @@ def test_cnn_ccl_learns_digits(tmp_path):
 
 
 def test_cnn_ccl_analyze_pairs_each_conv_with_its_feedback_conv():
-  from ccl_jax.rules.counter_current import adjoint
+  from ccl_jax import layers
 
   r, state, batch = cnn_ccl()
   forward = state.params['forward']
-  mirrored = {n: {'kernel': adjoint(forward[n]['kernel'])} for n in forward}
+  mirrored = {n: {'kernel': layers.adjoint_kernel(forward[n]['kernel'])} for n in forward}
   out = r.rule.analyze(state.replace(params={'forward': forward, 'feedback': mirrored}), batch)
   for n in forward:
     np.testing.assert_allclose(out[f'weight_angle/{n}'], 0.0, atol=0.1)

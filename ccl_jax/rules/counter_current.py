@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from ccl_jax import config as config_lib
+from ccl_jax import layers, models, optim
 from ccl_jax import metrics as metrics_lib
-from ccl_jax import models, optim
 from ccl_jax.errors import UserError
 from ccl_jax.parallel import BatchAxis
 from ccl_jax.rules import base
@@ -93,12 +93,6 @@ def normalized_pair_loss(
   )
   self_g = jnp.mean((gn @ gn.T - jnp.eye(gn.shape[0])) ** 2)
   return c * cross + s * (self_h + self_g)
-
-
-def adjoint(w: jax.Array) -> jax.Array:
-  """The kernel of a layer's adjoint map in the feedback layer's layout: dense (in, out) →
-  (out, in); conv (kh, kw, in, out) → spatially flipped (kh, kw, out, in) (stride 1, 'SAME')."""
-  return w.T if w.ndim == 2 else jnp.flip(w, (0, 1)).swapaxes(2, 3)
 
 
 class CounterCurrent(base.Rule):
@@ -251,7 +245,7 @@ class CounterCurrent(base.Rule):
       f'cka/pair_{l}': metrics_lib.linear_cka(h, g[y])
       for l, (h, g) in enumerate(zip(acts, prototypes))
     }
-    adjoints = {n: {'kernel': adjoint(p['kernel'])} for n, p in forward.items()}
+    adjoints = {n: {'kernel': layers.adjoint_kernel(p['kernel'])} for n, p in forward.items()}
     out.update(metrics_lib.weight_metrics(adjoints, feedback))  # ‖adjoint(W)‖ = ‖W‖
     return out
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccl_jax import layers, models
 from ccl_jax import metrics as metrics_lib
-from ccl_jax import models
 from ccl_jax.parallel import BatchAxis
 from ccl_jax.rules import base
 
@@ -35,11 +35,6 @@ def pair_loss(a: jax.Array, b: jax.Array, scale: float, end: bool = False) -> ja
   if not end:
     loss = loss + jnp.mean((unit_maps(a) - unit_maps(b)) ** 2)
   return a.shape[1] * scale * loss
-
-
-def adjoint(w: jax.Array) -> jax.Array:
-  """A conv kernel (kh, kw, in, out) in its mirror's layout: flipped in space, (kh, kw, out, in)."""
-  return jnp.flip(w, (0, 1)).swapaxes(2, 3)
 
 
 class CounterCurrentAE(base.Rule):
@@ -94,14 +89,14 @@ class CounterCurrentAE(base.Rule):
 
   def analyze(self, state, batch):
     """cka/pair_l: linear CKA between the forward and feedback activations of pair l (the end
-    pairs included); weight_angle/<layer> = ∠(adjoint(W), V) in degrees and norm_ratio/<layer>
+    pairs included); weight_angle/<layer> = ∠(W adjoint, V) in degrees and norm_ratio/<layer>
     = ‖V‖/‖W‖ for each forward conv W and its mirror V (same name)."""
     acts, signals, _ = self.pairs(state.params, state.extra, batch['image'], False)
     out = {
       f'cka/pair_{l}': metrics_lib.linear_cka(a, b) for l, (a, b) in enumerate(zip(acts, signals))
     }
     forward, feedback = state.params['forward'], state.params['feedback']
-    adjoints = {n: {'kernel': adjoint(p['kernel'])} for n, p in forward.items()}
+    adjoints = {n: {'kernel': layers.adjoint_kernel(p['kernel'])} for n, p in forward.items()}
     mirrors = {n: {'kernel': feedback[n]['kernel']} for n in forward}
     out.update(metrics_lib.weight_metrics(adjoints, mirrors))
     return out
