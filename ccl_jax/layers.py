@@ -237,8 +237,8 @@ def winograd_conv(
 
 
 def _winograd_parts(x_shape, w_shape, pads, m: int, adjoint: bool = False):
-  """The linear maps of F(m×m, 3×3) for these shapes: input → tiles (n, n, b·tiles, in),
-  kernel → (n, n, W's in, W's out) and its transpose, products (n², b·tiles, out) → output and
+  """The linear maps of F(m×m, 3×3) for these shapes (n = m + 2): input → tiles (n², b·tiles,
+  in), kernel → (n², W's in, W's out) and its transpose, products (n², b·tiles, out) → output and
   its transpose. `adjoint`: the conv by W flipped with its channels swapped (x's cotangent),
   read straight from W: G's columns reversed flip it, and the products contract W's outputs
   (no transposed copy of W is made)."""
@@ -258,11 +258,11 @@ def _winograd_parts(x_shape, w_shape, pads, m: int, adjoint: bool = False):
     return v.reshape(n * n, b * th * tw, x.shape[3])
 
   def kernel(w):  # G W Gᵀ per channel pair: (n col, n row, W's in, W's out)
-    return _to_front(_to_front(w, 0, g), 1, g).reshape(n * n, *w.shape[2:])
+    return _combine_on(_combine_on(w, 0, g, to=0), 1, g, to=0).reshape(n * n, *w.shape[2:])
 
   def kernel_t(du):  # its transpose: (n², W's in, W's out) → W's shape
     du = du.reshape(n, n, *du.shape[1:])
-    return _combine_on(_to_front(du, 1, g.T), 1, g.T)
+    return _combine_on(_combine_on(du, 1, g.T, to=0), 1, g.T)
 
   def output(y):  # Aᵀ Y A per tile, tiles put back in place, the overhang cropped
     y = y.reshape(n, n, b, th, tw, cout)
@@ -331,16 +331,11 @@ def _tile_transform(x: Array, axis: int, tiles: int, bt: np.ndarray, m: int) -> 
   return jnp.stack([_weighted_sum(d, row) for row in bt])
 
 
-def _to_front(y: Array, axis: int, mat: np.ndarray) -> Array:
-  """mat·y along `axis`, the result's rows on a new first axis (`axis` is consumed)."""
+def _combine_on(y: Array, axis: int, mat: np.ndarray, to: int | None = None) -> Array:
+  """mat·y along `axis` (its length mat.shape[1] → mat.shape[0]); the result's rows stay at
+  `axis`, or go to axis `to` of what remains (to=0: a new first axis, no transposed copy)."""
   parts = [jax.lax.index_in_dim(y, k, axis, keepdims=False) for k in range(mat.shape[1])]
-  return jnp.stack([_weighted_sum(parts, row) for row in mat])
-
-
-def _combine_on(y: Array, axis: int, mat: np.ndarray) -> Array:
-  """mat·y along `axis` (its length mat.shape[1] → mat.shape[0]), in place."""
-  parts = [jax.lax.index_in_dim(y, k, axis, keepdims=False) for k in range(mat.shape[1])]
-  return jnp.stack([_weighted_sum(parts, row) for row in mat], axis)
+  return jnp.stack([_weighted_sum(parts, row) for row in mat], axis if to is None else to)
 
 
 def _weighted_sum(parts: list[Array], coeffs: np.ndarray) -> Array:
