@@ -1,7 +1,8 @@
 """One command per published table: train every cell's runs, then write `TABLE.md` and `TABLE.json`.
 
   python -m ccl_jax.reproduce TABLE [--seeds N] [--epochs E] [--data_dir D] [--out DIR]
-                                    [--jobs J] [--grid] [--rows R,..] [--columns C,..] [--dry-run]
+                                    [--jobs J] [--grid [--grid_epochs G]] [--rows R,..]
+                                    [--columns C,..] [--dry-run] [--no-train]
 
 The tables are plain data in `ccl_jax/tables.py`. Every cell × seed (× grid point, with `--grid`)
 is one run of the normal loop (`train.train_and_evaluate`) in its own workdir,
@@ -16,7 +17,10 @@ accuracy of the parameters the run reports (those of its lowest-validation-loss 
 record's `best_epoch`; runs without validation accuracy score by −`best_val_loss`); the highest
 score wins, ties go to the earlier point, and only the chosen point's test numbers are reported.
 Test accuracy never enters the choice. Without `--grid` (the default, cheap) each cell runs its
-config's own values, and the table says so.
+config's own values, and the table says so. `--grid_epochs G` makes the sweep two-stage, for
+grids too dear to run in full: every point runs once (first seed) for G epochs, the choice is made
+on those runs, and only the chosen point then runs at the full length for every seed; the table's
+header names this deviation.
 
 The table reports per cell the mean ± sample standard deviation (ddof 1) over finished seeds, the
 published value beside it and the difference, the epochs run against the protocol's and the seeds
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import importlib.util
 import itertools
@@ -266,6 +271,8 @@ class CellPlan:
   runs: list[list[RunSpec]] = dataclasses.field(default_factory=list)  # per point, per seed
   point_errors: list[str] = dataclasses.field(default_factory=list)  # per point: '' or why
   selected: bool = True  # trained by this call (--rows/--columns)
+  sweep: list[RunSpec] = dataclasses.field(default_factory=list)  # --grid_epochs: per point
+  sweep_epochs: int | None = None
 
 
 def _slug(config: str, overrides: list[tuple[str, Any]]) -> str:
@@ -276,9 +283,17 @@ def _slug(config: str, overrides: list[tuple[str, Any]]) -> str:
 
 
 def plan_cell(
-  row: str, column: str, cell: Cell, out: str, seeds: int, epochs: int | None, use_grid: bool
+  row: str,
+  column: str,
+  cell: Cell,
+  out: str,
+  seeds: int,
+  epochs: int | None,
+  use_grid: bool,
+  grid_epochs: int | None = None,
 ) -> CellPlan:
-  """The runs of one cell (no files touched)."""
+  """The runs of one cell (no files touched); with `grid_epochs`, also a one-seed sweep run of
+  that length per grid point."""
   plan = CellPlan(row, column, cell)
   if not config_file(cell.config).exists():
     plan.status = 'no config yet'
@@ -308,18 +323,16 @@ def plan_cell(
     if not error:  # a value the config's validation refuses (e.g. a grid value out of range)
       error = _invalid(RunSpec(cell.config, tuple(overrides), int(base.seed), plan.epochs, ''))
     plan.point_errors.append(error)
-    plan.runs.append(
-      [
-        RunSpec(
-          cell.config,
-          tuple(overrides),
-          int(base.seed) + i,
-          plan.epochs,
-          os.path.join(out, 'runs', slug, f'seed{int(base.seed) + i}-ep{plan.epochs}'),
-        )
-        for i in range(seeds)
-      ]
-    )
+
+    def run(seed: int, n: int, overrides=tuple(overrides), slug=slug) -> RunSpec:
+      return RunSpec(
+        cell.config, overrides, seed, n, os.path.join(out, 'runs', slug, f'seed{seed}-ep{n}')
+      )
+
+    plan.runs.append([run(int(base.seed) + i, plan.epochs) for i in range(seeds)])
+    if grid_epochs and len(plan.points) > 1:
+      plan.sweep.append(run(int(base.seed), grid_epochs))
+  plan.sweep_epochs = grid_epochs if plan.sweep else None
   return plan
 
 
@@ -331,6 +344,7 @@ def plan_table(
   use_grid: bool = False,
   rows: tuple[str, ...] = (),
   columns: tuple[str, ...] = (),
+  grid_epochs: int | None = None,
 ) -> list[CellPlan]:
   """Every cell's runs, in table order; cells outside `rows`/`columns` are read, not trained."""
   pick = lambda name, wanted: not wanted or name.lower() in {w.lower() for w in wanted}
@@ -340,7 +354,7 @@ def plan_table(
       cell = table.cells.get((row, column))
       if cell is None:
         continue
-      plan = plan_cell(row, column, cell, out, seeds, epochs, use_grid)
+      plan = plan_cell(row, column, cell, out, seeds, epochs, use_grid, grid_epochs)
       plan.selected = pick(row, rows) and pick(column, columns)
       plans.append(plan)
   return plans
@@ -562,6 +576,35 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def _of_run(st: RunState, fn) -> Any:
+  return fn(st.final, st.records) if st.final else None
+
+
+def choose(plan: CellPlan) -> tuple[int, list[dict], bool]:
+  """(the chosen point's index, per point its score and finished selection runs, whether every
+  point has finished them). A point's score is the mean `val_score` of its finished selection
+  runs: its sweep run with `--grid_epochs`, else its seeds. The highest wins, ties go to the
+  earlier point; with no score yet, point 0."""
+  select_from = [[s] for s in plan.sweep] if plan.sweep else plan.runs
+  points = []
+  for point, specs, error in zip(plan.points, select_from, plan.point_errors):
+    states = [run_state(s) for s in specs] if not error else []
+    done = [st for st in states if st.state == 'done']
+    scores = [v for v in (val_score(st.final, st.records) for st in done) if v is not None]
+    points.append(
+      {
+        'point': point,
+        'score': statistics.fmean(scores) if scores else None,
+        'seeds_done': len(done),
+        'error': error,
+        'complete': bool(error) or len(done) == len(specs),
+      }
+    )
+  scored = [i for i, p in enumerate(points) if p['score'] is not None]
+  chosen = max(scored, key=lambda i: (points[i]['score'], -i)) if scored else 0
+  return chosen, points, all(p['complete'] for p in points)
+
+
 def summarize_cell(plan: CellPlan, metric: str, also: tuple[str, ...] = ()) -> dict:
   """One cell of TABLE.json: the chosen point's mean ± std over its finished seeds, beside the
   published value; every grid point's validation score."""
@@ -582,39 +625,25 @@ def summarize_cell(plan: CellPlan, metric: str, also: tuple[str, ...] = ()) -> d
   }
   if plan.status:
     return out | {'mean': None, 'std': None, 'diff': None, 'seeds_done': 0}
-  points = []
-  for point, specs, error in zip(plan.points, plan.runs, plan.point_errors):
-    states = [run_state(s) if not error else RunState('bad config', error) for s in specs]
-    done = [(s, st) for s, st in zip(specs, states) if st.state == 'done']
-    scores = [val_score(st.final, st.records) for _, st in done]
-    scores = [v for v in scores if v is not None]
-    points.append(
+  chosen, points, _ = choose(plan)
+  error = plan.point_errors[chosen]
+  runs = []
+  for s in plan.runs[chosen]:
+    st = run_state(s) if not error else RunState('bad config', error)
+    value = functools.partial(_of_run, st)
+    runs.append(
       {
-        'point': point,
-        'score': statistics.fmean(scores) if scores else None,
-        'seeds_done': len(done),
-        'error': error,
-        'runs': [
-          {
-            'seed': s.seed,
-            'workdir': s.workdir,
-            'state': st.state,
-            'detail': st.detail,
-            'epochs_run': st.final.get('epoch') if st.final else None,
-            'value': METRICS[metric][3](st.final, st.records) if st.final else None,
-            'val_score': val_score(st.final, st.records) if st.final else None,
-            **{
-              f'{name}': METRICS[name][3](st.final, st.records) if st.final else None
-              for name in also
-            },
-          }
-          for s, st in zip(specs, states)
-        ],
+        'seed': s.seed,
+        'workdir': s.workdir,
+        'state': st.state,
+        'detail': st.detail,
+        'epochs_run': st.final.get('epoch') if st.final else None,
+        'value': value(METRICS[metric][3]),
+        'val_score': value(val_score),
+        **{name: value(METRICS[name][3]) for name in also},
       }
     )
-  scored = [i for i, p in enumerate(points) if p['score'] is not None]
-  chosen = max(scored, key=lambda i: (points[i]['score'], -i)) if scored else 0
-  best = points[chosen]
+  best = points[chosen] | {'runs': runs}
   finished = [r for r in best['runs'] if r['state'] == 'done']
   values = [r['value'] for r in finished if r['value'] is not None]
   mean, std = _mean_std(values)
@@ -630,6 +659,7 @@ def summarize_cell(plan: CellPlan, metric: str, also: tuple[str, ...] = ()) -> d
     'grid': {
       'declared': bool(cell.grid),
       'swept': len(points) > 1,
+      'sweep_epochs': plan.sweep_epochs,  # None: the points ran at full length, every seed
       'chosen': best['point'],
       'chosen_score': best['score'],
       'points': [{k: p[k] for k in ('point', 'score', 'seeds_done', 'error')} for p in points],
@@ -673,6 +703,12 @@ def protocol(table: Table, cells: list[dict], seeds: int, use_grid: bool) -> dic
     deviations.append(
       "no hyperparameter sweep: each config's own values (the paper chose them on validation "
       'from grids; `--grid` runs them)'
+    )
+  sweeps = sorted({(c.get('grid') or {}).get('sweep_epochs') or 0 for c in cells} - {0})
+  if use_grid and sweeps:
+    deviations.append(
+      f'grids swept at {"/".join(map(str, sweeps))} epochs with one seed, then only the point '
+      'chosen on validation trained at full length'
     )
   shortened = any(e < p for e, p in pairs) or (table.seeds is not None and seeds < table.seeds)
   epochs_text = ' / '.join(sorted({f'{e}' for e, _ in pairs}, key=int)) or '?'
@@ -838,8 +874,10 @@ def _point_text(c: dict) -> str:
     f'{k.removeprefix("optimizer.")}={_fmt_value(v)}' for k, v in grid['chosen'].items()
   )
   tried = sum(1 for p in grid['points'] if p['seeds_done'])
+  at = f' at {grid["sweep_epochs"]} epochs' if grid.get('sweep_epochs') else ''
   return (
-    f'{point} (val. {_f(grid["chosen_score"], ".4f")}; {tried} of {len(grid["points"])} points run)'
+    f'{point} (val. {_f(grid["chosen_score"], ".4f")}{at}; '
+    f'{tried} of {len(grid["points"])} points run)'
   )
 
 
@@ -920,6 +958,19 @@ def write_outputs(summary: dict, out: str) -> tuple[str, str]:
 
 
 # -- the command ----------------------------------------------------------------------------------
+def run_groups(plan: CellPlan) -> list[tuple[dict, list[RunSpec], str]]:
+  """What `plan` trains now, as (point, runs, config error) groups: every point's seeds; with a
+  sweep (`--grid_epochs`), each point's sweep run, then the chosen point's seeds once every sweep
+  run has finished."""
+  if not plan.sweep:
+    return list(zip(plan.points, plan.runs, plan.point_errors))
+  groups = [(p, [s], e) for p, s, e in zip(plan.points, plan.sweep, plan.point_errors)]
+  chosen, _, complete = choose(plan)
+  if complete:
+    groups.append((plan.points[chosen], plan.runs[chosen], plan.point_errors[chosen]))
+  return groups
+
+
 def dry_run(plans: list[CellPlan]) -> int:
   """Prints every run and its state; returns how many would be trained."""
   todo = 0
@@ -931,9 +982,11 @@ def dry_run(plans: list[CellPlan]) -> int:
       print(f'{head}: {plan.status}')
       continue
     print(head + ('' if plan.selected else ' (not selected: read only)'))
-    for point, specs, error in zip(plan.points, plan.runs, plan.point_errors):
+    groups = run_groups(plan)
+    for i, (point, specs, error) in enumerate(groups):
       if point:
-        print(f'  point {", ".join(f"{k}={_fmt_value(v)}" for k, v in point.items())}')
+        what = 'chosen point' if plan.sweep and i == len(plan.sweep) else 'point'
+        print(f'  {what} {", ".join(f"{k}={_fmt_value(v)}" for k, v in point.items())}')
       for spec in specs:
         st = RunState('bad config', error) if error else run_state(spec)
         text = st.detail or st.state
@@ -942,12 +995,35 @@ def dry_run(plans: list[CellPlan]) -> int:
         counts[st.state] = counts.get(st.state, 0) + 1
         todo += plan.selected and st.state in ('partial', 'not started')
         print(f'    seed {spec.seed}, {spec.epochs} epochs: {text}  [{spec.workdir}]')
+    if plan.sweep and len(groups) == len(plan.sweep):
+      print(
+        f'  then the point chosen on validation: {len(plan.runs[0])} seeds × {plan.epochs} '
+        'epochs, once every sweep run has finished'
+      )
   print(
     f'{sum(counts.values())} runs: '
     + ', '.join(f'{n} {s}' for s, n in sorted(counts.items()))
     + f'; {todo} would be trained'
   )
   return todo
+
+
+def collect(plans: list[CellPlan]) -> tuple[list[RunSpec], int, list[tuple[RunSpec, RunState]]]:
+  """(the runs to train now, how many are done, those skipped with their state)."""
+  todo, done, skipped = [], 0, []
+  for plan in plans:
+    if plan.status or not plan.selected:
+      continue
+    for _, specs, error in run_groups(plan):
+      for spec in specs:
+        st = RunState('bad config', error) if error else run_state(spec)
+        if st.state == 'done':
+          done += 1
+        elif st.state in ('partial', 'not started'):
+          todo.append(spec)
+        else:
+          skipped.append((spec, st))
+  return todo, done, skipped
 
 
 def _labels(text: str) -> tuple[str, ...]:
@@ -967,6 +1043,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--out', default=DEFAULT_OUT, help='tables here, runs under OUT/runs/')
   p.add_argument('--jobs', type=int, default=1, help='runs at once (subprocesses when > 1)')
   p.add_argument('--grid', action='store_true', help="sweep the paper's grids, choose on val.")
+  p.add_argument(
+    '--grid_epochs',
+    '--grid-epochs',
+    type=int,
+    default=None,
+    help='with --grid: sweep each point for this many epochs (one seed), then train only the '
+    'chosen point at full length',
+  )
   p.add_argument('--rows', default='', help='train only these rows (comma-separated labels)')
   p.add_argument('--columns', default='', help='train only these columns')
   p.add_argument('--dry-run', '--dry_run', action='store_true', help='list runs, train nothing')
@@ -987,7 +1071,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f'error: --{flag}: {", ".join(map(repr, unknown))} not in {args.table}; choose from '
         + ', '.join(known)
       )
-  for name in ('seeds', 'epochs', 'jobs'):
+  if args.grid_epochs is not None and not args.grid:
+    sys.exit('error: --grid_epochs needs --grid')
+  for name in ('seeds', 'epochs', 'jobs', 'grid_epochs'):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       sys.exit(f'error: --{name} must be >= 1')
   return args
@@ -1015,34 +1101,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   seeds = args.seeds or table.seeds or 1
   plans = plan_table(
-    table, args.out, seeds, args.epochs, args.grid, _labels(args.rows), _labels(args.columns)
+    table,
+    args.out,
+    seeds,
+    args.epochs,
+    args.grid,
+    _labels(args.rows),
+    _labels(args.columns),
+    args.grid_epochs,
   )
   if args.dry_run:
     dry_run(plans)
     return 0
-  todo, done, skipped = [], 0, []
-  for plan in plans:
-    if plan.status or not plan.selected:
-      continue
-    for specs, error in zip(plan.runs, plan.point_errors):
-      for spec in specs:
-        st = RunState('bad config', error) if error else run_state(spec)
-        if st.state == 'done':
-          done += 1
-        elif st.state in ('partial', 'not started'):
-          todo.append(spec)
-        else:
-          skipped.append((spec, st))
+  todo, done, skipped = collect(plans)
   for spec, st in skipped:
     print(f'skipped {spec.label}: {st.state}: {st.detail} ({spec.workdir})')
   if args.no_train:
     todo = []
   print(f'{len(todo)} runs to train, {done} already done', flush=True)
-  failed = train_runs(todo, args.jobs, args.data_dir) if todo else []
+  failed, tried = [], set()
+  while todo:  # with --grid_epochs, a second round trains the points the sweeps chose
+    failed += train_runs(todo, args.jobs, args.data_dir)
+    tried |= {spec.workdir for spec in todo}
+    todo = [spec for spec in collect(plans)[0] if spec.workdir not in tried]
+    if todo:
+      print(f'{len(todo)} runs at the points chosen on validation', flush=True)
   summary = summarize(table, plans, seeds, args.grid, command)
   md, js = write_outputs(summary, args.out)
   print(
-    f'trained {len(todo) - len(failed)} runs ({done} already done, {len(failed)} failed, '
+    f'trained {len(tried) - len(failed)} runs ({done} already done, {len(failed)} failed, '
     f'{len(skipped)} skipped); wrote {md} and {js}'
   )
   print(summary['protocol']['label'].replace('**', ''))

@@ -121,6 +121,55 @@ def test_selection_by_validation_never_by_test(tmp_path):
   assert "config's own (grid not run)" in reproduce.markdown(summary)
 
 
+def test_two_stage_sweep_trains_only_the_point_chosen_on_validation(tmp_path, monkeypatch):
+  """--grid_epochs: every point runs once, short; only the point chosen on validation then runs
+  at full length for every seed, and the table's header says the sweep was shortened."""
+  grid = {'optimizer.forward.lr': (0.5, 1.0)}
+  table = Table(
+    'two_stage',
+    'two-stage selection',
+    ('A',),
+    ('x',),
+    {('A', 'x'): Cell('default', {'num_epochs': 3}, 80.0, grid=grid)},
+    'accuracy',
+    seeds=2,
+  )
+  monkeypatch.setitem(reproduce.tables_lib.TABLES, 'two_stage', table)
+  calls = []
+
+  def fake_train(specs, jobs, data_dir):  # lr 0.5 validates better, lr 1.0 tests better
+    calls.append([(s.seed, s.epochs, dict(s.overrides[1:])) for s in specs])  # [0]: num_epochs
+    for s in specs:
+      low = dict(s.overrides).get('optimizer.forward.lr') == 0.5
+      write_run(
+        s,
+        [0.5, 0.9, 0.8][: s.epochs] if low else [0.5, 0.8, 0.7][: s.epochs],
+        test=(0.70 if low else 0.99) + s.seed % 2 * 0.02,
+      )
+    return []
+
+  monkeypatch.setattr(reproduce, 'train_runs', fake_train)
+  argv = ['two_stage', '--grid', '--grid_epochs', '2', '--seeds', '2', '--out', str(tmp_path)]
+  assert reproduce.main(argv) == 0
+  lr = 'optimizer.forward.lr'
+  assert calls == [  # round 1: one short run per point; round 2: the chosen point's seeds
+    [(2023, 2, {lr: 0.5}), (2023, 2, {})],
+    [(2023, 3, {lr: 0.5}), (2024, 3, {lr: 0.5})],
+  ]
+  [cell] = json.load(open(tmp_path / 'two_stage.json'))['cells']
+  assert cell['grid']['chosen'] == {lr: 0.5} and cell['grid']['sweep_epochs'] == 2
+  assert cell['grid']['chosen_score'] == pytest.approx(0.9)
+  assert cell['mean'] == pytest.approx(71.0) and cell['epochs_run'] == [3]
+  md = (tmp_path / 'two_stage.md').read_text()
+  assert 'grids swept at 2 epochs with one seed' in md and 'Changed protocol' in md
+  assert 'lr=0.5 (val. 0.9000 at 2 epochs; 2 of 2 points run)' in md
+  calls.clear()
+  assert reproduce.main(argv) == 0 and calls == []  # a second call trains nothing
+  # --grid_epochs alone is refused in one line
+  with pytest.raises(SystemExit, match='--grid_epochs needs --grid'):
+    reproduce.main(['two_stage', '--grid_epochs', '2'])
+
+
 def test_bad_table_name_is_one_line():
   with pytest.raises(SystemExit) as e:
     reproduce.main(['nope'])
