@@ -8,6 +8,8 @@ device, as the CLI does, so numbers match what a user sees.
 import importlib.util
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,6 +17,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = pathlib.Path(
   os.environ.get('CCL_JAX_DATA_DIR', ROOT.parent / 'shared' / 'data' / 'tfds')
 )
+
+
+def pytest_configure(config):
+  """One XLA compilation cache for the whole session: both xdist workers and every subprocess a
+  test starts (a resumed run, the 8-device re-runs) inherit it, so a program compiled once is
+  read back instead of compiled again. It changes no result: the cache holds XLA executables."""
+  if hasattr(config, 'workerinput') or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    return  # an xdist worker (the controller made the cache), or the user chose one
+  config._xla_cache = tempfile.mkdtemp(prefix='ccl_jax_test_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = config._xla_cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+
+def pytest_unconfigure(config):
+  if getattr(config, '_xla_cache', None):
+    shutil.rmtree(config._xla_cache, ignore_errors=True)
+    del os.environ['JAX_COMPILATION_CACHE_DIR']
 
 
 def load_config(name: str, **overrides):
