@@ -18,6 +18,7 @@ saying why.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -59,6 +60,9 @@ class LoadedRun:
     self.params = jax.device_get(best['params'])
     self.extra = jax.device_get(best['extra'])
     self.rule = run.learner.rule
+    # Compiled once per shape: run eagerly, each op of the nets compiled on its own.
+    self.predict = jax.jit(self.rule.predict)
+    self._features = jax.jit(functools.partial(snapshots.features, self.rule))
     self.test = run.data.test
     self.records = [r for r in run.log.records() if not r.get('final')]
     self.snapshots = snapshots.load(workdir)
@@ -80,13 +84,7 @@ class LoadedRun:
 
   def pairs(self, images: np.ndarray, labels: np.ndarray):
     """(forward activations, feedback activations) on a batch, for CCL runs; else None."""
-    import jax.numpy as jnp
-
-    from ccl_jax import snapshots
-
-    found = snapshots.features(
-      self.rule, self.params, self.extra, jnp.asarray(images), jnp.asarray(labels)
-    )
+    found = self._features(self.params, self.extra, images, labels)
     return None if found is None or found[1] is None else found
 
 
@@ -145,7 +143,7 @@ def reconstructions_figure(runs: list[LoadedRun], path: str) -> str | None:
   images = found[0].test.images[:N_IMAGES]
   rows = [('target', images, None)]
   for r in found:
-    out = np.asarray(r.rule.predict(r.params, images, r.extra))
+    out = np.asarray(r.predict(r.params, images, r.extra))
     rows.append((r.name, out, float(np.mean((out - images) ** 2))))
   n = len(images)
   fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.45 * len(rows)), squeeze=False)
@@ -162,15 +160,18 @@ def reconstructions_figure(runs: list[LoadedRun], path: str) -> str | None:
 
 
 def cka_figure(runs: list[LoadedRun], path: str) -> str | None:
+  import jax
+
   from ccl_jax import metrics as metrics_lib
 
+  cka = jax.jit(metrics_lib.linear_cka)
   found = []
   for r in runs:
     x, y = r.test.images[:CKA_BATCH], r.test.labels[:CKA_BATCH]
     pairs = r.pairs(x, y)
     if pairs is not None:
       acts, signals = pairs
-      m = np.array([[float(metrics_lib.linear_cka(a, s)) for a in acts] for s in signals])
+      m = np.array([[float(cka(a, s)) for a in acts] for s in signals])
       found.append((r, m))
   if not found:
     return None

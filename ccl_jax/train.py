@@ -296,7 +296,9 @@ def build(config: ml_collections.FrozenConfigDict, workdir: str) -> Run:
   learner = step_lib.build(config, task, para.batch_axis)
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   images, labels = data.train.head(config.batch_size // para.n)
-  state = learner.init(init_rng, {'image': jnp.asarray(images), 'label': jnp.asarray(labels)})
+  # Compiled as one program (bitwise the eager values): eagerly, every op compiles on its own.
+  init = jax.jit(learner.init)
+  state = init(init_rng, {'image': jnp.asarray(images), 'label': jnp.asarray(labels)})
   best = jax.device_get({'params': state.params, 'extra': state.extra})  # host copy
   return Run(
     config,
