@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -236,7 +236,19 @@ def winograd_conv(
   return _winograd(x, w, pads, m, precision, preferred_element_type)
 
 
-def _winograd_parts(x_shape, w_shape, pads, m: int, adjoint: bool = False):
+class WinogradParts(NamedTuple):
+  """The linear maps of one Winograd conv (see `_winograd_parts`)."""
+
+  tiles: Callable  # input → (n², b·tiles, in)
+  kernel: Callable  # W → (n², W's in, W's out)
+  kernel_t: Callable  # kernel's transpose
+  output: Callable  # products (n², b·tiles, out) → output
+  output_t: Callable  # output's transpose
+  products: Callable  # (tiles, kernel, precision, preferred) → products
+  apply: Callable  # (x, w, precision, preferred) → the conv
+
+
+def _winograd_parts(x_shape, w_shape, pads, m: int, adjoint: bool = False) -> WinogradParts:
   """The linear maps of F(m×m, 3×3) for these shapes (n = m + 2): input → tiles (n², b·tiles,
   in), kernel → (n², W's in, W's out) and its transpose, products (n², b·tiles, out) → output and
   its transpose. `adjoint`: the conv by W flipped with its channels swapped (x's cotangent),
@@ -289,32 +301,32 @@ def _winograd_parts(x_shape, w_shape, pads, m: int, adjoint: bool = False):
   def apply(x, w, precision, preferred):
     return output(products(tiles(x), kernel(w), precision, preferred))
 
-  return tiles, kernel, kernel_t, output, output_t, products, apply
+  return WinogradParts(tiles, kernel, kernel_t, output, output_t, products, apply)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _winograd(x, w, pads, m, precision, preferred):
-  return _winograd_parts(x.shape, w.shape, pads, m)[-1](x, w, precision, preferred)
+  return _winograd_parts(x.shape, w.shape, pads, m).apply(x, w, precision, preferred)
 
 
 def _winograd_fwd(x, w, pads, m, precision, preferred):
-  tiles, kernel, _, output, _, products, _ = _winograd_parts(x.shape, w.shape, pads, m)
-  v = tiles(x)
-  return output(products(v, kernel(w), precision, preferred)), (v, w, x.shape)
+  parts = _winograd_parts(x.shape, w.shape, pads, m)
+  v = parts.tiles(x)
+  return parts.output(parts.products(v, parts.kernel(w), precision, preferred)), (v, w, x.shape)
 
 
 def _winograd_bwd(pads, m, precision, preferred, res, g):
   v, w, x_shape = res
-  _, _, kernel_t, _, output_t, _, _ = _winograd_parts(x_shape, w.shape, pads, m)
-  dy = output_t(g)  # (n², tiles, cout)
+  parts = _winograd_parts(x_shape, w.shape, pads, m)
+  dy = parts.output_t(g)  # (n², tiles, cout)
   du = jax.lax.dot_general(v, dy, (((1,), (1,)), ((0,), (0,))), precision=precision)
-  dw = kernel_t(du.astype(w.dtype))
+  dw = parts.kernel_t(du.astype(w.dtype))
   (pt, pb), (pl, pr) = pads
   adjoint_pads = ((2 - pt, 2 - pb), (2 - pl, 2 - pr))
   m_adj = winograd_tile(tuple(w.shape), (1, 1), tuple(x_shape[1:3]))
   if m_adj:  # x's cotangent: the Winograd conv of g with the adjoint kernel, W read in place
-    apply = _winograd_parts(g.shape, w.shape, adjoint_pads, m_adj, adjoint=True)[-1]
-    dx = apply(g, w, precision, None)
+    adjoint = _winograd_parts(g.shape, w.shape, adjoint_pads, m_adj, adjoint=True)
+    dx = adjoint.apply(g, w, precision, None)
   else:
     w_adj = adjoint_kernel(w)
     dx = im2col_conv(g, w_adj, (1, 1), adjoint_pads, precision)
