@@ -874,6 +874,8 @@ def _point_text(c: dict) -> str:
     f'{k.removeprefix("optimizer.")}={_fmt_value(v)}' for k, v in grid['chosen'].items()
   )
   tried = sum(1 for p in grid['points'] if p['seeds_done'])
+  if grid['chosen_score'] is None:
+    return f'none chosen yet (0 of {len(grid["points"])} points run)'
   at = f' at {grid["sweep_epochs"]} epochs' if grid.get('sweep_epochs') else ''
   return (
     f'{point} (val. {_f(grid["chosen_score"], ".4f")}{at}; '

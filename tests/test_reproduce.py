@@ -165,6 +165,10 @@ def test_two_stage_sweep_trains_only_the_point_chosen_on_validation(tmp_path, mo
   assert 'lr=0.5 (val. 0.9000 at 2 epochs; 2 of 2 points run)' in md
   calls.clear()
   assert reproduce.main(argv) == 0 and calls == []  # a second call trains nothing
+  # Before any sweep run has finished, no point is named as chosen.
+  [plan] = reproduce.plan_table(table, str(tmp_path / 'empty'), 2, None, True, grid_epochs=2)
+  summary = reproduce.summarize(table, [plan], seeds=2, use_grid=True)
+  assert 'none chosen yet (0 of 2 points run)' in reproduce.markdown(summary)
   # --grid_epochs alone is refused in one line
   with pytest.raises(SystemExit, match='--grid_epochs needs --grid'):
     reproduce.main(['two_stage', '--grid_epochs', '2'])
