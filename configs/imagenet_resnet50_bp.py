@@ -1,5 +1,4 @@
-"""ImageNet ResNet-50, BP: Akrout et al. 2019's recipe (the PyTorch ImageNet
-example; its settings and the assumptions made: `ccl_jax.recipes.akrout_imagenet`)."""
+"""ImageNet ResNet-50, BP (Akrout et al. 2019; recipes.akrout_imagenet)."""
 
 from ccl_jax import recipes
 
