@@ -36,27 +36,33 @@ def plot_run(workdir: str, title: str = '') -> str:
   angle_keys = sorted(
     {k for r in records for k in r if k.startswith(('weight_angle/', 'delta_angle/'))}
   )
-  panels = 3 if angle_keys else 2
-  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
+  acc_keys = [
+    k for k in ('train_accuracy', 'val_accuracy', 'test_accuracy') if any(k in r for r in records)
+  ]  # none for an autoencoder
+  panels = 1 + bool(acc_keys) + bool(angle_keys)
+  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+  loss_ax, *more = axes[0]
   # Rules with local losses log their total as train_loss; compare the task loss with val/test.
   train_key = 'train_task_loss' if any('train_task_loss' in r for r in records) else 'train_loss'
   for key in (train_key, 'val_loss', 'test_loss'):
-    axes[0].plot(epochs, [r.get(key) for r in records], label=key)
-  axes[0].set(xlabel='epoch', ylabel='task loss', yscale='log')
-  for key in ('train_accuracy', 'val_accuracy', 'test_accuracy'):
-    if any(key in r for r in records):
-      axes[1].plot(epochs, [r.get(key) for r in records], label=key)
-  axes[1].set(xlabel='epoch', ylabel='accuracy')
+    loss_ax.plot(epochs, [r.get(key) for r in records], label=key)
+  loss_ax.set(xlabel='epoch', ylabel='task loss', yscale='log')
+  if acc_keys:
+    acc_ax = more.pop(0)
+    for key in acc_keys:
+      acc_ax.plot(epochs, [r.get(key) for r in records], label=key)
+    acc_ax.set(xlabel='epoch', ylabel='accuracy')
   if angle_keys:
+    angle_ax = more.pop(0)
     for key in angle_keys:
-      axes[2].plot(
+      angle_ax.plot(
         epochs,
         [r.get(key) for r in records],
         label=key,
         linestyle='-' if key.startswith('weight') else '--',
       )
-    axes[2].set(xlabel='epoch', ylabel='degrees', ylim=(0, 95))
-  for ax in axes:
+    angle_ax.set(xlabel='epoch', ylabel='degrees', ylim=(0, 95))
+  for ax in axes[0]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.suptitle(title or os.path.basename(os.path.abspath(workdir)))

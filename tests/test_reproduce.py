@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +280,21 @@ def test_report_draws_one_line_per_run(smoke, tmp_path):
   report.main([*runs, '--out', str(out), '--keys', 'val_accuracy', 'val_loss'])
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert os.path.isfile(os.path.join(runs[0], 'plots', 'curves.png'))  # plot_run still works
+
+
+@pytest.mark.parametrize(
+  'extra,panels',
+  [
+    ({}, 1),  # an autoencoder: losses only, no empty accuracy panel
+    ({'val_accuracy': 0.5}, 2),
+    ({'val_accuracy': 0.5, 'weight_angle/layer_1': 40.0}, 3),
+  ],
+)
+def test_run_curves_have_one_panel_per_kind_of_metric(extra, panels, tmp_path):
+  records = [{'epoch': e, 'train_loss': 1 / e, 'val_loss': 1 / e, **extra} for e in (1, 2)]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # an empty panel's legend() warns
+    path = report.plot_run(str(tmp_path))
+  width = struct.unpack('>I', open(path, 'rb').read()[16:20])[0]  # the PNG header's width
+  assert width == panels * 5 * 110  # 5 inches a panel at 110 dpi
