@@ -30,6 +30,11 @@ def pytest_configure(config):
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 
+def pytest_collection_modifyitems(items):
+  """Heavy tests first (a stable sort), so that no test worker starts one as the others finish."""
+  items.sort(key=lambda item: item.get_closest_marker('heavy') is None)
+
+
 def pytest_unconfigure(config):
   if getattr(config, '_xla_cache', None):
     shutil.rmtree(config._xla_cache, ignore_errors=True)

@@ -92,7 +92,7 @@ def test_each_pair_loss_trains_only_its_own_layers():
   config = ae_config('ccl', (4, 8))
   rule = step_lib.build(config, task(8)).rule
   x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 3))
-  params, extra = rule.init_params(jax.random.PRNGKey(1), x)
+  params, extra = jax.jit(rule.init_params)(jax.random.PRNGKey(1), x)
   # Make every kernel non-zero so that no gradient vanishes for the trivial reason of a zero layer.
   params = jax.tree.map(lambda p: p + 0.05, params)
   batch = {'image': x, 'label': jnp.zeros(4, jnp.int32)}
@@ -102,8 +102,9 @@ def test_each_pair_loss_trains_only_its_own_layers():
   feedback_of = (
     [f'enc_{i}' for i in range(1, n + 1)] + [f'dec_{i}' for i in range(n, 0, -1)] + ['target']
   )
-  for l in range(2 * n + 1):
-    grads = jax.grad(lambda p: rule.losses(p, extra, batch)[1][0][f'layer_loss/{l}'])(params)
+  loss = lambda p, l: rule.losses(p, extra, batch)[1][0][f'layer_loss/{l}']
+  every = jax.jit(lambda p: [jax.grad(loss)(p, l) for l in range(2 * n + 1)])(params)
+  for l, grads in enumerate(every):
     want = {f'forward/{forward_of[l]}', f'feedback/{feedback_of[l]}'} - {
       'forward/input',
       'feedback/target',

@@ -243,8 +243,8 @@ def test_cnn_gradients_agree_between_impls(rule):
     assert learners[impl].rule.model.conv_impl == impl
   grads = {}
   for impl, learner in learners.items():
-    state = learner.init(jax.random.PRNGKey(0), batch)
-    grads[impl] = learner.rule.gradients(state, batch, jax.random.PRNGKey(1))[0]
+    state = jax.jit(learner.init)(jax.random.PRNGKey(0), batch)
+    grads[impl] = jax.jit(learner.rule.gradients)(state, batch, jax.random.PRNGKey(1))[0]
   for impl in ('im2col', 'winograd'):
     chex.assert_trees_all_close(grads[impl], grads['xla'], rtol=1e-4, atol=1e-5)
 

@@ -281,14 +281,19 @@ def cnn_ccl(channels=(4, 8), image_shape=(8, 8, 1), k=3, batch=6, seed=0, **over
     'image': jnp.asarray(rng.normal(size=(batch,) + image_shape), jnp.float32),
     'label': jnp.asarray(np.arange(batch) % k, jnp.int32),
   }
-  return r, r.init(jax.random.PRNGKey(seed), batch), batch
+  return r, jax.jit(r.init)(jax.random.PRNGKey(seed), batch), batch
 
 
 @pytest.mark.parametrize('image_shape', [(32, 32, 3), (28, 28, 1)])
 def test_feedback_cnn_mirrors_the_forward_maps(image_shape):
   r, state, batch = cnn_ccl(channels=(2, 2, 2, 2, 4), image_shape=image_shape, batch=2)
-  _, hiddens = r.rule.model.apply({'params': state.params['forward']}, batch['image'])
-  prototypes = r.rule.feedback.apply({'params': state.params['feedback']}, jnp.eye(3))
+  # Shapes only: traced, never compiled.
+  _, hiddens = jax.eval_shape(
+    lambda p, x: r.rule.model.apply({'params': p}, x), state.params['forward'], batch['image']
+  )
+  prototypes = jax.eval_shape(
+    lambda p: r.rule.feedback.apply({'params': p}, jnp.eye(3)), state.params['feedback']
+  )
   assert [g.shape[1:] for g in prototypes] == [image_shape] + [h.shape[1:] for h in hiddens]
   assert prototypes[0].shape[0] == 3
 
@@ -334,10 +339,12 @@ def test_cnn_ccl_each_pair_trains_only_its_own_layers():
     'layer_loss/2': {"['forward']['layer_2']['kernel']", "['feedback']['layer_3']['kernel']"},
     'task_loss': {"['forward']['layer_3']['kernel']"},
   }
+  grads = jax.jit(lambda p: {name: jax.grad(term(name))(p) for name in expect})(state.params)
   for name, want in expect.items():
-    assert nonzero_leaves(jax.grad(term(name))(state.params)) == want, name
+    assert nonzero_leaves(grads[name]) == want, name
 
 
+@pytest.mark.heavy
 def test_cnn_ccl_learns_digits(tmp_path):
   c = load_config('cifar10_ccl', dataset='digits')
   c.cnn.channels, c.batch_size, c.data.crop_pad, c.num_epochs = (16, 32, 32), 64, 1, 20
@@ -353,7 +360,9 @@ def test_cnn_ccl_analyze_pairs_each_conv_with_its_feedback_conv():
   r, state, batch = cnn_ccl()
   forward = state.params['forward']
   mirrored = {n: {'kernel': layers.adjoint_kernel(forward[n]['kernel'])} for n in forward}
-  out = r.rule.analyze(state.replace(params={'forward': forward, 'feedback': mirrored}), batch)
+  out = jax.jit(r.rule.analyze)(
+    state.replace(params={'forward': forward, 'feedback': mirrored}), batch
+  )
   for n in forward:
     np.testing.assert_allclose(out[f'weight_angle/{n}'], 0.0, atol=0.1)
   assert 0 < float(out['cka/pair_1']) <= 1
@@ -362,9 +371,10 @@ def test_cnn_ccl_analyze_pairs_each_conv_with_its_feedback_conv():
 def test_cnn_ccl_loss_warmup_scales_the_first_gradients():
   r0, state, batch = cnn_ccl()
   r4 = cnn_ccl(ccl__loss_warmup_steps=4)[0]
-  g0 = r0.rule.gradients(state, batch, None)[0]
+  g0 = jax.jit(r0.rule.gradients)(state, batch, None)[0]
+  grads4 = jax.jit(r4.rule.gradients)  # one compile: the step is traced
   for step, scale in ((0, 0.25), (2, 0.75), (7, 1.0)):
-    g = r4.rule.gradients(state.replace(step=jnp.asarray(step, jnp.int32)), batch, None)[0]
+    g = grads4(state.replace(step=jnp.asarray(step, jnp.int32)), batch, None)[0]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, scale * b, rtol=1e-5, atol=1e-8), g, g0)
 
 

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.xdist_group('figures')
 TINY = dict(
   ae__widths=(4, 8, 8),
   train_subset=64,
+  data__val_fraction=0.01,  # 500 validation images: the figures read the test split
   num_epochs=1,
   steps_per_call=0,
   scan_unroll=1,

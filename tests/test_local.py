@@ -23,7 +23,7 @@ def tiny(rule: str, model='mlp', image_shape=(6, 1, 1), k=3, batch=8, seed=0, **
     'image': jnp.asarray(rng.normal(size=(batch,) + image_shape), jnp.float32),
     'label': jnp.asarray(np.arange(batch) % k, jnp.int32),
   }
-  return r, r.init(jax.random.PRNGKey(seed), batch), batch
+  return r, jax.jit(r.init)(jax.random.PRNGKey(seed), batch), batch
 
 
 def nonzero_leaves(tree) -> set[str]:
@@ -71,22 +71,27 @@ def test_each_block_trains_only_on_its_own_loss(rule, bio):
     state, _ = jax.jit(r.update)(state, batch)
   forward, rng = state.params['forward'], jax.random.PRNGKey(1)
 
-  def grad_of(term):
-    return jax.grad(lambda p: r.rule.losses(p, state.extra, batch, rng)[1][0][term])(forward)
+  terms = [f'{h}_loss/block_{b}' for b in (1, 2) for h in r.rule.heads] + ['classifier_loss']
 
+  @jax.jit
+  def all_grads(forward):  # every term's gradient, and the summed loss's, in one compile
+    grad_of = lambda t: jax.grad(lambda p: r.rule.losses(p, state.extra, batch, rng)[1][0][t])
+    total = r.rule.gradients(state, batch, rng)[0]['forward']['classifier']
+    return {t: grad_of(t)(forward) for t in terms}, total
+
+  grads, total = all_grads(forward)
   heads = {'pred': ('pred_kernel', 'pred_bias'), 'sim': ('sim',)}
   for block in (1, 2):
     for head in r.rule.heads:
-      got = nonzero_leaves(grad_of(f'{head}_loss/block_{block}'))
+      got = nonzero_leaves(grads[f'{head}_loss/block_{block}'])
       assert got and all(f"['block_{block}']" in p for p in got), (head, block, got)
       # The block's own layer learns from it; the other head's parameters do not.
       assert any("['dense']" in p for p in got), got
       other = [h for h in r.rule.heads if h != head]
       assert not any(f"['{n}" in p for h in other for n in heads[h] for p in got), got
-  top = grad_of('classifier_loss')
+  top = grads['classifier_loss']
   assert {p.split(']')[0] for p in nonzero_leaves(top)} == {"['classifier'"}
-  # In the summed loss the classifier's CE is scaled by (1 − β) under predsim only.
-  total = r.rule.gradients(state, batch, rng)[0]['forward']['classifier']
+  # In the summed loss (`total`) the classifier's CE is scaled by (1 − β) under predsim only.
   scale = 1 - r.rule.beta if r.rule.heads == ('pred', 'sim') else 1.0
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, scale * b, rtol=1e-5, atol=1e-7),
@@ -174,6 +179,7 @@ def test_batch_statistics_update_and_are_used_at_evaluation():
   np.testing.assert_allclose(r.rule.predict(new.params, batch['image'], new.extra), want, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_vgg8b_blocks_run_with_pooled_pred_heads():
   r, state, batch = tiny(
     'predsim',
@@ -191,7 +197,7 @@ def test_vgg8b_blocks_run_with_pooled_pred_heads():
   assert p['block_7']['dense']['kernel'].shape == (16, 1024)  # the FC block after 4 pools
   new, metrics = jax.jit(r.update)(state, batch)
   assert all(np.isfinite(float(v)) for v in metrics.values()), metrics  # 1×1 maps included
-  assert r.rule.predict(new.params, batch['image'], new.extra).shape == (8, 3)
+  assert jax.jit(r.rule.predict)(new.params, batch['image'], new.extra).shape == (8, 3)
 
 
 @pytest.mark.parametrize('rule', ['global', 'predsim'])

@@ -38,6 +38,7 @@ def learner(rule: str, **kw):
   return step_lib.build(config, Task(10, (8, 8, 1), 10))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('rule', ['fa', 'sign_symmetry', 'kp', 'wm'])
 def test_resnet20_with_b_equal_w_is_backprop_bitwise(rule):
   rng = np.random.default_rng(0)
@@ -46,7 +47,7 @@ def test_resnet20_with_b_equal_w_is_backprop_bitwise(rule):
     'label': jnp.asarray(np.arange(8) % 10, jnp.int32),
   }
   ours, bp = learner(rule), learner('bp')
-  state = ours.init(jax.random.PRNGKey(1), batch)
+  state = jax.jit(ours.init)(jax.random.PRNGKey(1), batch)
   forward = state.params['forward']
   aligned = state.replace(
     params={
@@ -63,6 +64,7 @@ def test_resnet20_with_b_equal_w_is_backprop_bitwise(rule):
   np.testing.assert_array_equal(m['loss'], want_m['loss'])
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('rule,threshold', [('bp', 0.9), ('kp', 0.85)])
 def test_resnet20_learns_digits(rule, threshold, tmp_path):
   config = load_config(

@@ -237,6 +237,7 @@ def test_learns_digits(rule, threshold, tmp_path):
     assert 'recon_error/layer_2' in first and 'train_feedback_loss' in first, first
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('rule', RULES)
 def test_resumes_exactly(rule, tmp_path):
   """2+2 epochs resumed equal 4 straight (a narrow net; the pre-training steps span the break)."""
