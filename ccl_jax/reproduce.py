@@ -495,11 +495,16 @@ def train_runs(specs: list[RunSpec], jobs: int, data_dir: str) -> list[tuple[Run
     env = slots.get()
     try:
       where = f' on GPU {env["CUDA_VISIBLE_DEVICES"]}' if 'CUDA_VISIBLE_DEVICES' in env else ''
-      print(f'[{i}/{n}] started {spec.label}{where} (log: {spec.workdir}/train.log)', flush=True)
+      # One write per line (newline included): the job threads print at the same time.
+      print(
+        f'[{i}/{n}] started {spec.label}{where} (log: {spec.workdir}/train.log)\n',
+        end='',
+        flush=True,
+      )
       t0 = time.time()
       error = train_subprocess(spec, data_dir, env)
       what = f'failed: {error}' if error else f'finished in {time.time() - t0:.0f}s'
-      print(f'[{i}/{n}] {what}: {spec.label}', flush=True)
+      print(f'[{i}/{n}] {what}: {spec.label}\n', end='', flush=True)
       return error
     finally:
       slots.put(env)
